@@ -1,0 +1,425 @@
+"""AlignGPT model: a LLaVA-style vision-language model with learned alignment levels.
+
+Sequence layout (built by `AlignGPTProcessor`, never changed inside the model):
+
+    [bos, <align>, system prompt, USER: , <image> x P, question, ASSISTANT: ...]
+
+`<image>` positions receive the projected patch features and the `<align>` position receives the *alignment
+vector*, both written into `inputs_embeds` by the base model. Everything multimodal happens in
+`AlignGPTModel.forward`, so trainers that call the base model and the LM head separately (TRL) see the same thing
+as `AlignGPTForConditionalGeneration.forward`.
+
+The alignment vector of a row, with `E = alignment_embeddings.weight` of shape (N, hidden):
+- pre-training: `E[alignment_levels[row]]`, the level of the pair's CLIP-score bucket;
+- instruction tuning / inference (`alignment_mode="adaptive"`): `E[N-1] + w @ E[:N-1]` where
+  `w = softmax(alignment_gate(d))` and `d[j] = <image feature j, mean text embedding of the row>`.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPooling,
+    MultimodalBaseModelOutputWithPast,
+    MultimodalCausalLMOutputWithPast,
+)
+from transformers.modeling_utils import slice_logits_to_keep
+from transformers.utils import torch_compilable_check
+from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
+from transformers.utils.output_capturing import select_hidden_states
+
+from .configuration_aligngpt import AlignGPTConfig
+
+
+@dataclass
+class AlignGPTModelOutputWithPast(MultimodalBaseModelOutputWithPast):
+    r"""
+    alignment_weights (`torch.FloatTensor` of shape `(batch_size, num_alignment_levels - 1)`, *optional*):
+        The gate's weights over the local alignment levels `0..N-2`, one row per sample (zeros for rows without an
+        image). Only set when the gate ran (`alignment_mode` `adaptive` or `local`, no `alignment_levels` given).
+    """
+
+    alignment_weights: torch.FloatTensor | None = None
+
+
+@dataclass
+class AlignGPTCausalLMOutputWithPast(MultimodalCausalLMOutputWithPast):
+    r"""
+    alignment_weights (`torch.FloatTensor` of shape `(batch_size, num_alignment_levels - 1)`, *optional*):
+        The gate's weights over the local alignment levels, see [`AlignGPTModelOutputWithPast`].
+    """
+
+    alignment_weights: torch.FloatTensor | None = None
+
+
+class AlignGPTMultiModalProjector(nn.Module):
+    """`mlp2x_gelu` (Linear, GELU, Linear) or `linear` (one Linear): vision width -> LM width."""
+
+    def __init__(self, config: AlignGPTConfig):
+        super().__init__()
+        layers = 1 if isinstance(config.vision_feature_layer, int) else len(config.vision_feature_layer)
+        in_features = config.vision_config.hidden_size * layers
+        out_features = config.text_config.hidden_size
+        bias = config.multimodal_projector_bias
+        self.linear_1 = nn.Linear(in_features, out_features, bias=bias)
+        if config.projector_type == "mlp2x_gelu":
+            self.act = ACT2FN[config.projector_hidden_act]
+            self.linear_2 = nn.Linear(out_features, out_features, bias=bias)
+        else:
+            self.act = self.linear_2 = None
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.linear_1(image_features)
+        if self.linear_2 is not None:
+            hidden_states = self.linear_2(self.act(hidden_states))
+        return hidden_states
+
+
+class AlignGPTAlignmentGate(nn.Module):
+    """Maps the P image-text affinities `d` of one image to logits over the N-1 local alignment levels.
+
+    Its input width is the number of image features per image (`config.num_image_tokens`): the gate reads the
+    affinity of every patch *position*, which is why it is tied to the vision config.
+    """
+
+    def __init__(self, config: AlignGPTConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.num_image_tokens, config.alignment_gate_hidden_size)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(config.alignment_gate_hidden_size, config.num_alignment_levels - 1)
+
+    def forward(self, affinities: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(affinities)))
+
+
+class AlignGPTPreTrainedModel(PreTrainedModel):
+    config: AlignGPTConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _skip_keys_device_placement = "cache"
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = True
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, AlignGPTModel):
+            # as the original: Xavier-uniform alignment embeddings
+            init.xavier_uniform_(module.alignment_embeddings.weight)
+
+
+class AlignGPTModel(AlignGPTPreTrainedModel):
+    """Vision tower + projector + alignment embeddings and gate + language model, without the LM head."""
+
+    def __init__(self, config: AlignGPTConfig):
+        super().__init__(config)
+        config.validate_alignment()
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.multi_modal_projector = AlignGPTMultiModalProjector(config)
+        # an nn.Embedding (not a bare Parameter) so that PEFT's modules_to_save and device_map handle it
+        self.alignment_embeddings = nn.Embedding(config.num_alignment_levels, config.text_config.hidden_size)
+        self.alignment_gate = AlignGPTAlignmentGate(config)
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    @merge_with_config_defaults
+    @can_return_tuple
+    @select_hidden_states("vision_feature_layer")
+    def get_image_features(
+        self,
+        pixel_values: torch.FloatTensor,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling:
+        """Runs the tower and the projector. `pooler_output`: (num_images, num_image_tokens, hidden)."""
+        kwargs.pop("return_dict", None)
+        image_outputs = self.vision_tower(pixel_values, return_dict=True, **kwargs)
+        layers = [vision_feature_layer] if isinstance(vision_feature_layer, int) else vision_feature_layer
+        selected = [image_outputs.hidden_states[layer] for layer in layers]
+        if vision_feature_select_strategy == "default":
+            selected = [hidden[:, 1:] for hidden in selected]
+        image_outputs.pooler_output = self.multi_modal_projector(torch.cat(selected, dim=-1))
+        return image_outputs
+
+    def get_placeholder_masks(
+        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor
+    ) -> tuple[torch.BoolTensor, torch.BoolTensor]:
+        """(batch, seq) masks of the `<image>` and `<align>` placeholders, from the ids or from the embeddings."""
+        if input_ids is not None:
+            return input_ids == self.config.image_token_id, input_ids == self.config.alignment_token_id
+        ids = torch.tensor(
+            [self.config.image_token_id, self.config.alignment_token_id], device=inputs_embeds.device
+        )
+        placeholder_embeds = self.get_input_embeddings()(ids)
+        image_mask = (inputs_embeds == placeholder_embeds[0]).all(-1)
+        align_mask = (inputs_embeds == placeholder_embeds[1]).all(-1)
+        return image_mask, align_mask
+
+    def compute_alignment_vectors(
+        self,
+        image_features: torch.Tensor,
+        inputs_embeds: torch.Tensor,
+        image_mask: torch.BoolTensor,
+        align_mask: torch.BoolTensor,
+        attention_mask: torch.Tensor | None,
+        alignment_levels: torch.LongTensor | None,
+        gate_text_mask: torch.BoolTensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One alignment vector per row, (batch, hidden), and the gate weights (batch, N-1) when the gate ran.
+
+        Args:
+            image_features: (num_images, P, hidden), the projected features in placeholder order.
+            inputs_embeds: (batch, seq, hidden), token embeddings *before* the placeholders are filled.
+        """
+        config = self.config
+        table = self.alignment_embeddings.weight  # (N, hidden)
+        num_local = config.num_alignment_levels - 1
+        if alignment_levels is not None:
+            # pre-training: the pair's own level; rows without an image read it but their vector is never used
+            alignment_levels = alignment_levels.to(table.device).view(-1)
+            torch_compilable_check(
+                ((alignment_levels >= 0) & (alignment_levels < config.num_alignment_levels)).all(),
+                f"alignment_levels must lie in 0..{config.num_alignment_levels - 1} (one per row); bucket the "
+                "CLIP scores with `assign_levels(scores, num_levels=config.num_alignment_levels)`.",
+            )
+            return self.alignment_embeddings(alignment_levels), None
+
+        batch_size = inputs_embeds.shape[0]
+        mode = config.alignment_mode
+        if mode == "global":
+            return table[num_local].expand(batch_size, -1), None
+        if mode == "mean":
+            return (table[num_local] + table[:num_local].mean(0)).expand(batch_size, -1), None
+        if mode == "fixed":
+            return table[config.fixed_alignment_level].expand(batch_size, -1), None
+
+        # adaptive / local: the gate reads d = <image feature j, mean text embedding of the row>.
+        # Text = attended tokens after <align> (so bos and left padding are out) that are not placeholders.
+        after_align = (align_mask.cumsum(-1) > 0) & ~align_mask
+        text_mask = after_align & ~image_mask
+        if attention_mask is not None and attention_mask.dim() == 2:
+            text_mask = text_mask & attention_mask.bool()
+        if gate_text_mask is not None:
+            text_mask = text_mask & gate_text_mask.bool()
+        weights = text_mask.unsqueeze(-1).to(inputs_embeds.dtype)
+        text_mean = (inputs_embeds * weights).sum(1) / weights.sum(1).clamp(min=1)  # (batch, hidden)
+
+        # Which row each image belongs to, without a Python loop: images are laid out in placeholder order,
+        # P placeholders each, so the running count of images per row locates them (static shapes).
+        num_images, num_patches = image_features.shape[:2]
+        images_per_row = image_mask.sum(-1) // num_patches  # (batch,)
+        row_of_image = torch.searchsorted(
+            images_per_row.cumsum(0), torch.arange(num_images, device=images_per_row.device), right=True
+        ).clamp(max=batch_size - 1)
+        affinities = torch.einsum("ipd,id->ip", image_features, text_mean[row_of_image].to(image_features.dtype))
+        gate = self.alignment_gate
+        image_weights = torch.softmax(gate(affinities.to(gate.fc1.weight.dtype)).float(), dim=-1)  # (I, N-1)
+        # Several images in one row: each image gets its own weights, the row's one <align> token uses their mean.
+        row_weights = torch.zeros(batch_size, num_local, device=image_weights.device, dtype=image_weights.dtype)
+        row_weights = row_weights.index_add(0, row_of_image, image_weights)
+        row_weights = row_weights / images_per_row.clamp(min=1).unsqueeze(-1).to(row_weights.dtype)
+
+        local = row_weights.to(table.dtype) @ table[:num_local]
+        vectors = local if mode == "local" else table[num_local] + local
+        return vectors, row_weights
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        alignment_levels: torch.LongTensor | None = None,
+        gate_text_mask: torch.BoolTensor | None = None,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+        **kwargs,
+    ) -> AlignGPTModelOutputWithPast:
+        r"""
+        alignment_levels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+            Alignment level (0..N-1) of each row's image-text pair, for pre-training. Read only for rows that carry
+            an `<align>` token. Without it, the alignment vector follows `config.alignment_mode`.
+        gate_text_mask (`torch.BoolTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Restricts the text tokens the gate averages (e.g. `labels == -100` to leave the answers out, which
+            `AlignGPTForConditionalGeneration` does itself when `config.gate_text_scope == "prompt"`).
+        mm_encoder_outputs (`dict`, *optional*):
+            `{"image": get_image_features(...)}` computed beforehand; `generate()` does this once before prefill.
+        """
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if pixel_values is not None and mm_encoder_outputs is not None and mm_encoder_outputs.get("image") is not None:
+            raise ValueError("You cannot specify both pixel_values and mm_encoder_outputs at the same time")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+
+        image_outputs = (mm_encoder_outputs or {}).get("image")
+        if image_outputs is None and pixel_values is not None:
+            image_outputs = self.get_image_features(
+                pixel_values=pixel_values.to(self.vision_tower.dtype),
+                vision_feature_layer=vision_feature_layer,
+                vision_feature_select_strategy=vision_feature_select_strategy,
+                return_dict=True,
+            )
+
+        alignment_weights = None
+        if image_outputs is not None:
+            image_features = image_outputs.pooler_output
+            if isinstance(image_features, (list, tuple)):
+                image_features = torch.stack(list(image_features))
+            image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
+            image_mask, align_mask = self.get_placeholder_masks(input_ids, inputs_embeds)
+            num_images, num_patches = image_features.shape[:2]
+            torch_compilable_check(
+                image_mask.sum() == num_images * num_patches,
+                "The number of <image> placeholder tokens does not match the image features "
+                f"({num_images} images x {num_patches} features). Each image needs exactly {num_patches} <image> "
+                "tokens: build inputs with AlignGPTProcessor and make sure truncation does not cut them.",
+            )
+            torch_compilable_check(
+                (align_mask.sum(-1) <= (image_mask.sum(-1) > 0).long()).all(),
+                "Each row may hold at most one <align> token, and only rows with an image may hold one.",
+            )
+            alignment_vectors, alignment_weights = self.compute_alignment_vectors(
+                image_features, inputs_embeds, image_mask, align_mask, attention_mask, alignment_levels,
+                gate_text_mask,
+            )
+            inputs_embeds = inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), image_features)
+            # Each row's vector goes to that row's own <align> position, whichever rows carry one: a `where`
+            # over the batch, as masked_scatter would take the vectors in the order of the rows that have one.
+            inputs_embeds = torch.where(
+                align_mask.unsqueeze(-1), alignment_vectors.to(inputs_embeds.dtype).unsqueeze(1), inputs_embeds
+            )
+        elif input_ids is not None and input_ids.shape[1] > 1:
+            # (decode steps, one token each, skip the check: they never hold placeholders)
+            torch_compilable_check(
+                ~((input_ids == self.config.image_token_id) | (input_ids == self.config.alignment_token_id)).any(),
+                "input_ids contain <image>/<align> placeholder tokens but no pixel_values were given: pass the "
+                "images (the processor returns pixel_values) or remove the placeholders.",
+            )
+
+        outputs = self.language_model(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            **kwargs,
+        )
+        return AlignGPTModelOutputWithPast(
+            **outputs, image_outputs=image_outputs, alignment_weights=alignment_weights
+        )
+
+
+class AlignGPTForConditionalGeneration(AlignGPTPreTrainedModel, GenerationMixin):
+    """[`AlignGPTModel`] with a language-modelling head: what `pipeline("image-text-to-text")` uses."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+
+    def __init__(self, config: AlignGPTConfig):
+        super().__init__(config)
+        self.model = AlignGPTModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs) -> BaseModelOutputWithPooling:
+        return self.model.get_image_features(pixel_values=pixel_values, **kwargs)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        alignment_levels: torch.LongTensor | None = None,
+        gate_text_mask: torch.BoolTensor | None = None,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        labels: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+        **kwargs,
+    ) -> AlignGPTCausalLMOutputWithPast:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Next-token targets (-100 = ignored). `<image>` and `<align>` positions are never supervised.
+        alignment_levels, gate_text_mask, mm_encoder_outputs: see [`AlignGPTModel.forward`].
+        """
+        if labels is not None:
+            if input_ids is not None:
+                placeholders = (input_ids == self.config.image_token_id) | (
+                    input_ids == self.config.alignment_token_id
+                )
+                labels = labels.masked_fill(placeholders, -100)
+            if gate_text_mask is None and self.config.gate_text_scope == "prompt":
+                gate_text_mask = labels == -100
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            alignment_levels=alignment_levels,
+            gate_text_mask=gate_text_mask,
+            vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            mm_encoder_outputs=mm_encoder_outputs,
+            **kwargs,
+        )
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(hidden_states)
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
+        return AlignGPTCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_outputs=outputs.image_outputs,
+            alignment_weights=outputs.alignment_weights,
+        )
+
+
+__all__ = [
+    "AlignGPTPreTrainedModel",
+    "AlignGPTModel",
+    "AlignGPTForConditionalGeneration",
+    "AlignGPTModelOutputWithPast",
+    "AlignGPTCausalLMOutputWithPast",
+]

@@ -1,0 +1,145 @@
+"""AlignGPT processor: LLaVA-1.5 image preprocessing + a tokenizer with `<image>` and `<align>` placeholders.
+
+What the processor adds to a prompt (the model never changes the sequence length):
+- every `<image>` becomes `num_image_tokens` copies of itself, one per image feature;
+- a row with at least one image gets one `<align>` right after bos (before the system prompt), the slot the
+  model fills with the row's alignment vector. Rows without an image get none.
+"""
+
+from PIL import UnidentifiedImageError
+from transformers import ProcessorMixin
+
+# The Vicuna v1 template of the released AlignGPT / LLaVA-1.5 instruct checkpoints:
+#   "{system} USER: <image>\n{question} ASSISTANT: {answer}</s>USER: ... ASSISTANT:"
+# An image item renders as "<image>\n" where it stands in the user's content. Assistant answers (and the eos
+# that ends them) sit inside {% generation %} markers so that `return_assistant_tokens_mask=True` /
+# TRL's `assistant_only_loss=True` supervise only them.
+VICUNA_V1_SYSTEM_PROMPT = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+VICUNA_V1_CHAT_TEMPLATE = (
+    "{%- macro render(content) -%}"
+    "{%- if content is string -%}{{- content -}}"
+    "{%- else -%}{%- for item in content -%}"
+    "{%- if item['type'] == 'image' -%}{{- '<image>\\n' -}}"
+    "{%- elif item['type'] == 'text' -%}{{- item['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- endmacro -%}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set system_prompt = render(messages[0]['content']) -%}{%- set messages = messages[1:] -%}"
+    "{%- else -%}{%- set system_prompt = '" + VICUNA_V1_SYSTEM_PROMPT.replace("'", "\\'") + "' -%}"
+    "{%- endif -%}"
+    "{{- system_prompt + ' ' -}}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}{{- 'USER: ' + render(message['content']) + ' ' -}}"
+    "{%- elif message['role'] == 'assistant' -%}{{- 'ASSISTANT: ' -}}"
+    "{%- generation -%}{{- render(message['content']) + eos_token -}}{%- endgeneration -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
+)
+
+
+def plain_pretraining_text(caption: str, image_token: str = "<image>") -> str:
+    """The plain pre-training format of LLaVA / AlignGPT: `<image>{caption}\\n` (the loss covers the caption)."""
+    return f"{image_token}{caption}\n"
+
+
+class AlignGPTProcessor(ProcessorMixin):
+    r"""
+    Args:
+        image_processor: a LLaVA image processor with `do_pad=True` (LLaVA-1.5's pad-to-square with the image mean
+            colour, then CLIP resize / centre-crop / normalise); the PIL backend needs no torchvision.
+        tokenizer: a tokenizer that knows `<image>` and `<align>` as special tokens.
+        num_image_tokens (`int`): image features per image, `config.num_image_tokens` of the model.
+        chat_template (`str`, *optional*): defaults to the Vicuna v1 template.
+        image_token / alignment_token (`str`): the placeholder strings.
+    """
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        num_image_tokens: int = 576,
+        chat_template: str | None = None,
+        image_token: str = "<image>",
+        alignment_token: str = "<align>",
+        **kwargs,
+    ):
+        self.num_image_tokens = num_image_tokens
+        self.image_token = getattr(tokenizer, "image_token", None) or image_token
+        self.alignment_token = alignment_token
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.alignment_token_id = tokenizer.convert_tokens_to_ids(self.alignment_token)
+        if self.image_token_id in (None, tokenizer.unk_token_id) or self.alignment_token_id in (
+            None,
+            tokenizer.unk_token_id,
+        ):
+            raise ValueError(
+                f"The tokenizer must know {self.image_token!r} and {self.alignment_token!r} as special tokens: "
+                f"`tokenizer.add_special_tokens({{'additional_special_tokens': [{self.image_token!r}, "
+                f"{self.alignment_token!r}]}})` and resize the model's embeddings."
+            )
+        if chat_template is None:
+            chat_template = VICUNA_V1_CHAT_TEMPLATE
+        super().__init__(image_processor, tokenizer, chat_template=chat_template)
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        return self.image_token * self.num_image_tokens
+
+    def prepare_inputs_layout(self, images=None, text=None, videos=None, audio=None, **kwargs):
+        try:
+            return super().prepare_inputs_layout(images=images, text=text, videos=videos, audio=audio, **kwargs)
+        except (UnidentifiedImageError, OSError) as error:
+            raise ValueError(
+                f"An image could not be decoded ({error}). Check that every image path or file is a readable "
+                "image (PNG, JPEG, ...); re-encode or drop corrupt files."
+            ) from error
+
+    def get_text_with_replacements(self, text, images_replacements=(), videos_replacements=(), audio_replacements=()):
+        """Expands `<image>` (ProcessorMixin), then puts `<align>` right after bos in rows that have an image.
+
+        The insertion is recorded like a placeholder expansion so that `return_assistant_tokens_mask=True`
+        (assistant-only loss) still finds the answers at the right characters.
+        """
+        text, offsets = super().get_text_with_replacements(
+            text, list(images_replacements), list(videos_replacements), list(audio_replacements)
+        )
+        offsets = offsets or [[] for _ in text]
+        bos, align, width = self.tokenizer.bos_token, self.alignment_token, len(self.alignment_token)
+        for row, sample in enumerate(text):
+            if not any(r["type"] == "image" for r in offsets[row]) or align in sample:
+                continue
+            # the tokenizer adds bos itself unless the text starts with it; either way <align> follows bos
+            at = len(bos) if bos and sample.startswith(bos) else 0
+            text[row] = sample[:at] + align + sample[at:]
+            shifted = [{**r, "new_span": (r["new_span"][0] + width, r["new_span"][1] + width)} for r in offsets[row]]
+            inserted = {"type": "alignment", "span": (at, at), "new_span": (at, at + width), "text": "",
+                        "replacement": align}
+            offsets[row] = [inserted] + shifted
+        return text, offsets
+
+    def _process_images(self, images, **kwargs):
+        try:
+            return super()._process_images(images, **kwargs)
+        except (UnidentifiedImageError, OSError) as error:
+            raise ValueError(
+                f"An image could not be decoded ({error}). Re-encode or drop the corrupt image."
+            ) from error
+
+    def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs):
+        from transformers.processing_utils import MultiModalData
+
+        if image_sizes is None:
+            return MultiModalData()
+        return MultiModalData(
+            num_image_tokens=[self.num_image_tokens] * len(image_sizes), num_image_patches=[1] * len(image_sizes)
+        )
+
+    @property
+    def model_input_names(self):
+        return list(dict.fromkeys(self.tokenizer.model_input_names + ["pixel_values"]))
+
+
+__all__ = ["AlignGPTProcessor", "VICUNA_V1_CHAT_TEMPLATE", "VICUNA_V1_SYSTEM_PROMPT", "plain_pretraining_text"]
