@@ -4,6 +4,7 @@ The tokenizer is a small BPE trained offline with the `tokenizers` library on a 
 you pass), wrapped as a transformers fast tokenizer with `<image>` and `<align>` as special tokens.
 """
 
+import string
 from collections.abc import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -33,7 +34,13 @@ def build_tiny_tokenizer(texts: Iterable[str] = (), vocab_size: int = 512) -> Pr
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
     tokenizer.decoder = decoders.Metaspace()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False)
+    # every printable character is in the alphabet, so no text ever maps to <unk>
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=list(string.printable),
+        show_progress=False,
+    )
     tokenizer.train_from_iterator(list(BUILTIN_CORPUS) + list(texts), trainer=trainer)
     bos = tokenizer.token_to_id("<s>")
     tokenizer.post_processor = processors.TemplateProcessing(

@@ -1,0 +1,321 @@
+"""AlignGPTModel / AlignGPTForConditionalGeneration on tiny random configs.
+
+Numbers are checked against independent computations written out here (per-row loops over plain tensors), not
+against the model itself.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import chat
+from transformers_aligngpt import AlignGPTConfig, AlignGPTForConditionalGeneration
+
+
+def prompts(processor, questions, with_image=True):
+    return [processor.apply_chat_template(chat(q, with_image), add_generation_prompt=True) for q in questions]
+
+
+def embeddings_seen_by_lm(model, inputs):
+    """The decoder's input embeddings (hidden_states[0]) for `inputs`."""
+    with torch.no_grad():
+        out = model(**inputs, output_hidden_states=True)
+    return out, out.hidden_states[0]
+
+
+def reference_alignment_vector(model, input_ids, pixel_values, attention_mask=None):
+    """Per-row, loop-based re-computation of METHOD.md's formula: E[N-1] + softmax(gate(d)) @ E[:N-1]."""
+    inner = model.model
+    config = model.config
+    table = inner.alignment_embeddings.weight
+    n = config.num_alignment_levels
+    with torch.no_grad():
+        tower = inner.vision_tower(pixel_values, output_hidden_states=True)
+        feats = inner.multi_modal_projector(tower.hidden_states[config.vision_feature_layer][:, 1:])
+        embeds = inner.get_input_embeddings()(input_ids)
+        vectors, weights = [], []
+        image_index = 0
+        for row in range(input_ids.shape[0]):
+            ids = input_ids[row].tolist()
+            align_pos = ids.index(config.alignment_token_id)
+            keep = [
+                j
+                for j in range(align_pos + 1, len(ids))
+                if ids[j] != config.image_token_id
+                and (attention_mask is None or attention_mask[row, j] == 1)
+            ]
+            text_mean = embeds[row, keep].mean(0)
+            count = ids.count(config.image_token_id) // config.num_image_tokens
+            row_weights = []
+            for _ in range(count):
+                d = feats[image_index] @ text_mean
+                row_weights.append(torch.softmax(inner.alignment_gate.fc2(F.gelu(inner.alignment_gate.fc1(d))), -1))
+                image_index += 1
+            w = torch.stack(row_weights).mean(0)
+            weights.append(w)
+            vectors.append(table[n - 1] + w @ table[: n - 1])
+    return torch.stack(vectors), torch.stack(weights), feats
+
+
+def test_placeholders_receive_image_features_and_alignment_vector(model, processor, images):
+    inputs = processor(images=images, text=prompts(processor, ["What is shown?", "How many squares are there?"]),
+                       return_tensors="pt", padding=True)
+    out, embeds = embeddings_seen_by_lm(model, inputs)
+    config = model.config
+    expected_vectors, expected_weights, feats = reference_alignment_vector(
+        model, inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"]
+    )
+    image_mask = inputs["input_ids"] == config.image_token_id
+    align_mask = inputs["input_ids"] == config.alignment_token_id
+    assert align_mask.sum(-1).tolist() == [1, 1]
+    torch.testing.assert_close(embeds[image_mask], feats.reshape(-1, feats.shape[-1]))
+    torch.testing.assert_close(embeds[align_mask], expected_vectors, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.alignment_weights, expected_weights, atol=1e-6, rtol=1e-5)
+    # the two prompts/images must not get the same mix: the gate reads the instruction
+    assert not torch.allclose(out.alignment_weights[0], out.alignment_weights[1])
+    # other text positions are plain token embeddings
+    text = ~(image_mask | align_mask)
+    torch.testing.assert_close(embeds[text], model.get_input_embeddings()(inputs["input_ids"])[text])
+
+
+def test_alignment_levels_select_their_embedding(model, processor, images):
+    inputs = processor(images=images, text=["<image>a red box\n", "<image>a tall blue box\n"], return_tensors="pt",
+                       padding=True)
+    levels = torch.tensor([2, 7])
+    out, embeds = embeddings_seen_by_lm(model, {**inputs, "alignment_levels": levels})
+    align_mask = inputs["input_ids"] == model.config.alignment_token_id
+    torch.testing.assert_close(embeds[align_mask], model.model.alignment_embeddings.weight[levels])
+    assert out.alignment_weights is None
+
+
+@pytest.mark.parametrize("mode", ["global", "local", "mean", "fixed"])
+def test_alignment_modes(model, processor, images, mode):
+    inputs = processor(images=images[:1], text=prompts(processor, ["What is shown?"]), return_tensors="pt")
+    expected_adaptive, weights, _ = reference_alignment_vector(model, inputs["input_ids"], inputs["pixel_values"])
+    table = model.model.alignment_embeddings.weight.detach()
+    expected = {
+        "global": table[-1],
+        "local": weights[0] @ table[:-1],
+        "mean": table[-1] + table[:-1].mean(0),
+        "fixed": table[3],
+    }[mode]
+    model.config.alignment_mode = mode
+    model.config.fixed_alignment_level = 3
+    _, embeds = embeddings_seen_by_lm(model, inputs)
+    torch.testing.assert_close(embeds[inputs["input_ids"] == model.config.alignment_token_id][0], expected,
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_text_only_rows_untouched_and_padding_sides_agree(model, processor, images):
+    texts = prompts(processor, ["What is shown in this picture?"]) + prompts(processor, ["What is 2 plus 3?"], False)
+    singles = [
+        processor(images=images[:1], text=texts[0], return_tensors="pt"),
+        processor(text=texts[1], return_tensors="pt"),
+    ]
+    assert (singles[1]["input_ids"] != model.config.alignment_token_id).all()
+    with torch.no_grad():
+        single_logits = [model(**inputs).logits[0] for inputs in singles]
+        # the text-only row is exactly what the bare language model + head computes
+        lm_only = model.lm_head(model.model.language_model(input_ids=singles[1]["input_ids"]).last_hidden_state)[0]
+    torch.testing.assert_close(single_logits[1], lm_only)
+    for side in ("left", "right"):
+        processor.tokenizer.padding_side = side
+        batch = processor(images=images[:1], text=texts, return_tensors="pt", padding=True)
+        with torch.no_grad():
+            logits = model(**batch).logits
+        for row, expected in enumerate(single_logits):
+            kept = batch["attention_mask"][row].bool()
+            torch.testing.assert_close(logits[row][kept], expected, atol=2e-5, rtol=1e-4)
+    processor.tokenizer.padding_side = "left"
+
+
+def test_attention_mask_none_matches_full_mask(model, processor, images):
+    inputs = processor(images=images[:1], text=prompts(processor, ["What is shown?"]), return_tensors="pt")
+    with torch.no_grad():
+        with_mask = model(**inputs).logits
+        without = model(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"]).logits
+    torch.testing.assert_close(with_mask, without)
+
+
+def test_several_images_in_one_row_average_their_gate_weights(model, processor, images):
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "image"},
+                                             {"type": "text", "text": "Compare the two pictures."}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=[images], text=[text], return_tensors="pt")
+    assert (inputs["input_ids"] == model.config.alignment_token_id).sum() == 1
+    out, embeds = embeddings_seen_by_lm(model, inputs)
+    expected_vectors, expected_weights, _ = reference_alignment_vector(
+        model, inputs["input_ids"], inputs["pixel_values"]
+    )
+    torch.testing.assert_close(out.alignment_weights, expected_weights, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(embeds[inputs["input_ids"] == model.config.alignment_token_id], expected_vectors,
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_generate_cache_matches_no_cache_and_runs_vision_once(model, processor, images):
+    inputs = processor(images=images[:1], text=prompts(processor, ["What is shown?"]), return_tensors="pt")
+    calls = []
+    hook = model.model.vision_tower.register_forward_hook(lambda *args: calls.append(1))
+    cached = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    assert len(calls) == 1, "the vision tower must run once (prefill only) with the KV cache"
+    hook.remove()
+    uncached = model.generate(**inputs, max_new_tokens=8, do_sample=False, use_cache=False)
+    assert cached.tolist() == uncached.tolist()
+    assert cached.shape[1] == inputs["input_ids"].shape[1] + 8
+
+
+def test_batched_left_padded_generation_equals_one_at_a_time(model, processor, images):
+    texts = prompts(processor, ["What is shown?", "How many squares are there in the image?"])
+    texts += prompts(processor, ["What is 2 plus 3?"], with_image=False)
+    row_images = [images[0], images[1]]
+    processor.tokenizer.padding_side = "left"
+    batch = processor(images=row_images, text=texts, return_tensors="pt", padding=True)
+    generated = model.generate(**batch, max_new_tokens=6, do_sample=False)[:, batch["input_ids"].shape[1]:]
+    for row, text in enumerate(texts):
+        single = processor(images=[row_images[row]] if row < 2 else None, text=text, return_tensors="pt")
+        one = model.generate(**single, max_new_tokens=6, do_sample=False)[:, single["input_ids"].shape[1]:]
+        assert generated[row].tolist() == one[0].tolist()
+
+
+def test_sdpa_and_eager_attention_agree(config, processor, images):
+    inputs = processor(images=images, text=prompts(processor, ["What is shown?", "Count the squares."]),
+                       return_tensors="pt", padding=True)
+    logits = {}
+    for implementation in ("sdpa", "eager"):
+        cfg = copy.deepcopy(config)
+        torch.manual_seed(0)
+        model = AlignGPTForConditionalGeneration._from_config(cfg, attn_implementation=implementation).eval()
+        assert model.config._attn_implementation == implementation
+        with torch.no_grad():
+            logits[implementation] = model(**inputs).logits
+    mask = inputs["attention_mask"].bool()
+    torch.testing.assert_close(logits["sdpa"][mask], logits["eager"][mask], atol=1e-5, rtol=1e-4)
+
+
+def test_gradient_checkpointing_gives_same_gradients(model, processor, images):
+    texts = [processor.apply_chat_template(chat("What is shown?", answer="A red box."))]
+    inputs = processor(images=images[:1], text=texts, return_tensors="pt")
+    labels = inputs["input_ids"].clone()
+    grads = []
+    for checkpointing in (False, True):
+        model.zero_grad()
+        model.train()
+        if checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        loss = model(**inputs, labels=labels).loss
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert model.model.language_model.gradient_checkpointing
+    assert grads[0].keys() == grads[1].keys()
+    assert "model.alignment_gate.fc1.weight" in grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-4)
+
+
+def test_labels_never_supervise_placeholders(model, processor, images):
+    inputs = processor(images=images[:1], text=["<image>a red box\n"], return_tensors="pt")
+    labels = inputs["input_ids"].clone()  # naive labels: every token, placeholders included
+    with torch.no_grad():
+        out = model(**inputs, labels=labels, alignment_levels=torch.tensor([1]))
+        logits = out.logits[0, :-1]
+        targets = labels[0, 1:]
+        keep = (targets != model.config.image_token_id) & (targets != model.config.alignment_token_id)
+        expected = F.cross_entropy(logits[keep], targets[keep])
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_prompt_gate_scope_ignores_answers(model, processor, images):
+    text = processor.apply_chat_template(chat("What is shown?", answer="A red box."))
+    inputs = processor(images=images[:1], text=[text], return_tensors="pt")
+    prompt = processor(images=images[:1], text=prompts(processor, ["What is shown?"]), return_tensors="pt")
+    prompt_len = prompt["input_ids"].shape[1]
+    labels = inputs["input_ids"].clone()
+    labels[:, :prompt_len] = -100  # supervise the answer only
+    with torch.no_grad():
+        model.config.gate_text_scope = "prompt"
+        trained_on_prompt = model(**inputs, labels=labels).alignment_weights
+        at_inference = model(**prompt).alignment_weights
+        model.config.gate_text_scope = "conversation"
+        trained_on_all = model(**inputs, labels=labels).alignment_weights
+    torch.testing.assert_close(trained_on_prompt, at_inference)
+    assert not torch.allclose(trained_on_all, at_inference)
+
+
+def test_save_load_round_trip_and_auto_classes(model, processor, images, tmp_path):
+    from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
+
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    assert (tmp_path / "modeling_aligngpt.py").exists() and (tmp_path / "configuration_aligngpt.py").exists()
+    assert AutoConfig.from_pretrained(tmp_path).model_type == "aligngpt"
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    loaded_processor = AutoProcessor.from_pretrained(tmp_path)
+    assert type(loaded) is AlignGPTForConditionalGeneration
+    inputs = loaded_processor(images=images[:1], text=prompts(loaded_processor, ["What is shown?"]),
+                              return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, atol=0, rtol=0)
+    base = AutoModel.from_pretrained(tmp_path)
+    assert type(base).__name__ == "AlignGPTModel"
+
+
+def test_device_map_auto_loads_and_matches(model, processor, images, tmp_path):
+    model.save_pretrained(tmp_path)
+    loaded = AlignGPTForConditionalGeneration.from_pretrained(tmp_path, device_map="auto").eval()
+    # big-model dispatch must never split a decoder or vision layer across devices
+    assert {"LlamaDecoderLayer", "CLIPEncoderLayer"} <= set(loaded._no_split_modules)
+    inputs = processor(images=images[:1], text=prompts(processor, ["What is shown?"]), return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits)
+
+
+def test_torch_compile_fullgraph(model, processor, images):
+    inputs = processor(images=images, text=prompts(processor, ["What is shown?", "Count it."]),
+                       return_tensors="pt", padding=True)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(**inputs).logits, expected, atol=1e-5, rtol=1e-4)
+
+
+# ---- bad input -------------------------------------------------------------------------------------------------
+
+
+def test_level_out_of_range_is_rejected(model, processor, images):
+    inputs = processor(images=images[:1], text=["<image>a box\n"], return_tensors="pt")
+    with pytest.raises(ValueError, match="alignment_levels must lie in 0..7"):
+        model(**inputs, alignment_levels=torch.tensor([8]))
+
+
+def test_placeholder_feature_mismatch_is_rejected(model, processor, images):
+    inputs = processor(images=images[:1], text=["<image>a box\n"], return_tensors="pt")
+    cut = {k: v[:, :-6] if k != "pixel_values" else v for k, v in inputs.items()}
+    cut["input_ids"] = torch.cat([inputs["input_ids"][:, :5], inputs["input_ids"][:, 10:]], dim=1)
+    cut["attention_mask"] = torch.ones_like(cut["input_ids"])
+    with pytest.raises(ValueError, match="number of <image> placeholder tokens does not match"):
+        model(**cut)
+    with pytest.raises(ValueError, match="no pixel_values"):
+        model(input_ids=inputs["input_ids"])
+
+
+def test_unknown_alignment_mode_and_bad_fixed_level(config):
+    with pytest.raises(ValueError, match="Unknown alignment_mode 'sometimes'"):
+        AlignGPTConfig(vision_config=config.vision_config.to_dict(), text_config=config.text_config.to_dict(),
+                       alignment_mode="sometimes")
+    with pytest.raises(ValueError, match="fixed_alignment_level"):
+        AlignGPTConfig(alignment_mode="fixed")
+
+
+def test_gate_width_follows_the_vision_config():
+    clip = AlignGPTConfig()
+    assert clip.num_image_tokens == 576
+    siglip = AlignGPTConfig(
+        vision_config={"model_type": "siglip_vision_model", "image_size": 384, "patch_size": 14},
+        vision_feature_select_strategy="full",
+        num_alignment_levels=5,
+    )
+    assert siglip.num_image_tokens == 729
+    full = AlignGPTConfig(vision_feature_select_strategy="full")
+    assert full.num_image_tokens == 577

@@ -1,0 +1,114 @@
+"""AlignGPTProcessor: placeholders, chat template, pad-to-square preprocessing, bad input."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import chat
+from transformers_aligngpt import VICUNA_V1_SYSTEM_PROMPT, AlignGPTProcessor, plain_pretraining_text
+
+
+def test_vicuna_v1_template_renders_the_original_strings(processor):
+    prompt = processor.apply_chat_template(chat("What is shown in the image?"), add_generation_prompt=True)
+    assert prompt == f"{VICUNA_V1_SYSTEM_PROMPT} USER: <image>\nWhat is shown in the image? ASSISTANT:"
+    two_turns = chat("What is it?", answer="A box.") + [
+        {"role": "user", "content": [{"type": "text", "text": "Which colour?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Red."}]},
+    ]
+    assert processor.apply_chat_template(two_turns) == (
+        f"{VICUNA_V1_SYSTEM_PROMPT} USER: <image>\nWhat is it? ASSISTANT: A box.</s>USER: Which colour? "
+        "ASSISTANT: Red.</s>"
+    )
+    custom_system = [{"role": "system", "content": "Be brief."}] + chat("Hi?", with_image=False)
+    assert processor.apply_chat_template(custom_system, add_generation_prompt=True) == "Be brief. USER: Hi? ASSISTANT:"
+
+
+def test_alignment_token_after_bos_only_for_image_rows_and_image_expansion(processor, config, images):
+    texts = [
+        processor.apply_chat_template(chat("What is shown?"), add_generation_prompt=True),
+        processor.apply_chat_template(chat("What is 2 plus 3?", with_image=False), add_generation_prompt=True),
+    ]
+    processor.tokenizer.padding_side = "right"
+    batch = processor(images=images[:1], text=texts, padding=True)
+    processor.tokenizer.padding_side = "left"
+    image_row, text_row = batch["input_ids"]
+    tok = processor.tokenizer
+    assert image_row[:2] == [tok.bos_token_id, config.alignment_token_id]
+    assert image_row.count(config.alignment_token_id) == 1
+    assert image_row.count(config.image_token_id) == config.num_image_tokens == 16
+    # the image tokens are contiguous, where <image> stood
+    first = image_row.index(config.image_token_id)
+    assert image_row[first : first + 16] == [config.image_token_id] * 16
+    assert text_row[0] == tok.bos_token_id
+    assert config.alignment_token_id not in text_row and config.image_token_id not in text_row
+    # the rest of the image row is the text tokenised as usual
+    plain = tok(texts[0].replace("<image>", ""))["input_ids"]
+    kept = [t for t in image_row if t not in (config.alignment_token_id, config.image_token_id, tok.pad_token_id)]
+    assert len(kept) >= len(plain) - 2  # same text, up to the split around the placeholder
+
+
+def test_assistant_mask_covers_answers_and_eos_only(processor, images):
+    messages = chat("What is it?", answer="A red box.")
+    messages[0]["content"][0]["image"] = images[0]
+    out = processor.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, return_tensors="pt"
+    )
+    ids, mask = out["input_ids"][0].tolist(), out["assistant_masks"][0].tolist()
+    assert ids[1] == processor.alignment_token_id
+    assert ids.count(processor.image_token_id) == processor.num_image_tokens
+    supervised = processor.tokenizer.decode([t for t, m in zip(ids, mask) if m])
+    assert supervised.strip() == "A red box.</s>"
+
+
+def test_pad_to_square_matches_an_independent_pil_computation(processor, images):
+    image = images[0]  # 24 x 14, wide
+    pixel_values = processor(images=image, text="<image>x", return_tensors="np")["pixel_values"][0]
+    ip = processor.image_processor
+    background = tuple(int(m * 255) for m in ip.image_mean)
+    square = Image.new("RGB", (24, 24), background)
+    square.paste(image, (0, (24 - 14) // 2))
+    resized = np.asarray(square.resize((16, 16), Image.BICUBIC), dtype=np.float32) / 255.0
+    expected = ((resized - np.array(ip.image_mean)) / np.array(ip.image_std)).transpose(2, 0, 1)
+    np.testing.assert_allclose(pixel_values, expected, atol=1e-5)
+
+
+def test_plain_pretraining_format(processor):
+    assert plain_pretraining_text("a red circle") == "<image>a red circle\n"
+
+
+def test_save_and_reload(processor, tmp_path):
+    processor.save_pretrained(tmp_path)
+    reloaded = AlignGPTProcessor.from_pretrained(tmp_path)
+    assert reloaded.num_image_tokens == processor.num_image_tokens
+    assert reloaded.chat_template == processor.chat_template
+    assert reloaded.image_processor.do_pad is True
+
+
+# ---- bad input -------------------------------------------------------------------------------------------------
+
+
+def test_image_placeholder_count_mismatch(processor, images):
+    with pytest.raises(ValueError, match="1 <image> tokens and 2 images"):
+        processor(images=images, text="<image>one placeholder")
+    with pytest.raises(ValueError, match="no images were passed"):
+        processor(text="<image>where is it")
+
+
+def test_truncation_that_cuts_image_tokens(processor, images):
+    with pytest.raises(ValueError, match="truncat"):
+        processor(images=images[:1], text="<image>" + " red" * 40, truncation=True, max_length=10)
+
+
+def test_undecodable_image(processor, tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\nthis is not a png")
+    with pytest.raises(ValueError, match="could not be decoded"):
+        processor(images=str(broken), text="<image>x")
+
+
+def test_tokenizer_without_placeholders_is_rejected(processor):
+    from transformers_aligngpt.tiny import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    with pytest.raises(ValueError, match="must know"):
+        AlignGPTProcessor(image_processor=processor.image_processor, tokenizer=tok, alignment_token="<nope>")
