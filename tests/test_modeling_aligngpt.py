@@ -319,3 +319,38 @@ def test_gate_width_follows_the_vision_config():
     assert siglip.num_image_tokens == 729
     full = AlignGPTConfig(vision_feature_select_strategy="full")
     assert full.num_image_tokens == 577
+
+
+@pytest.mark.parametrize("text_model", ["llama", "mistral", "qwen2", "gemma", "phi", "phi3"])
+@pytest.mark.parametrize("tower", ["clip", "siglip"])
+def test_other_backbones_and_towers(tokenizer, images, text_model, tower):
+    from transformers import AutoConfig, SiglipVisionConfig
+
+    from transformers_aligngpt.tiny import build_processor, tiny_config
+
+    text_kwargs = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                       pad_token_id=3, bos_token_id=1, eos_token_id=2)
+    if text_model == "phi":
+        text_kwargs.pop("num_key_value_heads")
+    if text_model == "gemma":
+        text_kwargs["head_dim"] = 16
+    vision = None
+    if tower == "siglip":  # no CLS token: keep every patch
+        vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, image_size=24, patch_size=4)
+    config = tiny_config(tokenizer, text_config=AutoConfig.for_model(text_model, **text_kwargs),
+                         vision_config=vision, vision_feature_select_strategy="full" if vision else "default")
+    torch.manual_seed(0)
+    model = AlignGPTForConditionalGeneration(config).eval()
+    processor = build_processor(tokenizer, config)
+    assert model.model.alignment_gate.fc1.in_features == config.num_image_tokens == (36 if vision else 16)
+    text = prompts(processor, ["What is shown?"])
+    inputs = processor(images=images[:1], text=text, return_tensors="pt")
+    assert (inputs["input_ids"] == config.image_token_id).sum() == config.num_image_tokens
+    out = model(**inputs)
+    assert out.alignment_weights.shape == (1, 7)
+    torch.testing.assert_close(out.alignment_weights.sum(-1), torch.ones(1))
+    cached = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    uncached = model.generate(**inputs, max_new_tokens=4, do_sample=False, use_cache=False)
+    assert cached.tolist() == uncached.tolist()
