@@ -1,6 +1,7 @@
 """Remote-code loading without the package, and pipeline("image-text-to-text")."""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -55,8 +56,10 @@ def test_checkpoint_loads_with_trust_remote_code_without_the_package(model, proc
         print("REMOTE-OK", type(model).__name__, type(processor).__name__)
         """
     )
+    # a private module cache: the remote code is copied there, never mixed with other runs' copies
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                            cwd=tmp_path)
+                            cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "REMOTE-OK AlignGPTForConditionalGeneration AlignGPTProcessor" in result.stdout
 

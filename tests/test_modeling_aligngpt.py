@@ -294,7 +294,7 @@ def test_placeholder_feature_mismatch_is_rejected(model, processor, images):
     cut = {k: v[:, :-6] if k != "pixel_values" else v for k, v in inputs.items()}
     cut["input_ids"] = torch.cat([inputs["input_ids"][:, :5], inputs["input_ids"][:, 10:]], dim=1)
     cut["attention_mask"] = torch.ones_like(cut["input_ids"])
-    with pytest.raises(ValueError, match="number of <image> placeholder tokens does not match"):
+    with pytest.raises(ValueError, match="number of <image> placeholder tokens does not match the images"):
         model(**cut)
     with pytest.raises(ValueError, match="no pixel_values"):
         model(input_ids=inputs["input_ids"])

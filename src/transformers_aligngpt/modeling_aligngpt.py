@@ -119,6 +119,10 @@ class AlignGPTPreTrainedModel(PreTrainedModel):
 class AlignGPTModel(AlignGPTPreTrainedModel):
     """Vision tower + projector + alignment embeddings and gate + language model, without the LM head."""
 
+    # never quantised by bitsandbytes & co. (they skip `_keep_in_fp32_modules`; fp16 loading keeps them in fp32): the
+    # small modules that phase 2 trains fully (PEFT `modules_to_save`) and the alignment table
+    _keep_in_fp32_modules = ["multi_modal_projector", "alignment_embeddings", "alignment_gate"]
+
     def __init__(self, config: AlignGPTConfig):
         super().__init__(config)
         config.validate_alignment()
@@ -170,6 +174,38 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         align_mask = (inputs_embeds == placeholder_embeds[1]).all(-1)
         return image_mask, align_mask
 
+    def check_pixel_values(self, pixel_values: torch.Tensor):
+        size = self.config.vision_config.image_size
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[-2:]) != (size, size):
+            raise ValueError(
+                f"pixel_values must have shape (num_images, channels, {size}, {size}) for this vision tower, got "
+                f"{tuple(pixel_values.shape)}. Preprocess images with the model's AlignGPTProcessor."
+            )
+
+    def check_placeholders(self, image_mask, align_mask, num_images, num_patches, alignment_levels):
+        """Placeholder counts against the images, and the alignment levels' range."""
+        torch_compilable_check(
+            image_mask.sum() == num_images * num_patches,
+            "The number of <image> placeholder tokens does not match the images: "
+            f"{num_images} images need {num_images} x {num_patches} <image> tokens. Build inputs with "
+            "AlignGPTProcessor (one <image> per image in the text) and make sure truncation does not cut them.",
+        )
+        torch_compilable_check(
+            (align_mask.sum(-1) <= (image_mask.sum(-1) > 0).long()).all(),
+            "Each row may hold at most one <align> token, and only rows with an image may hold one.",
+        )
+        if alignment_levels is not None:
+            levels = self.config.num_alignment_levels
+            torch_compilable_check(
+                alignment_levels.numel() == image_mask.shape[0],
+                f"alignment_levels needs one level per row ({image_mask.shape[0]}), got {alignment_levels.numel()}.",
+            )
+            torch_compilable_check(
+                ((alignment_levels >= 0) & (alignment_levels < levels)).all(),
+                f"alignment_levels must lie in 0..{levels - 1} (one per row); bucket the CLIP scores with "
+                f"`assign_levels(scores, num_levels={levels})`.",
+            )
+
     def compute_alignment_vectors(
         self,
         image_features: torch.Tensor,
@@ -191,13 +227,7 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         num_local = config.num_alignment_levels - 1
         if alignment_levels is not None:
             # pre-training: the pair's own level; rows without an image read it but their vector is never used
-            alignment_levels = alignment_levels.to(table.device).view(-1)
-            torch_compilable_check(
-                ((alignment_levels >= 0) & (alignment_levels < config.num_alignment_levels)).all(),
-                f"alignment_levels must lie in 0..{config.num_alignment_levels - 1} (one per row); bucket the "
-                "CLIP scores with `assign_levels(scores, num_levels=config.num_alignment_levels)`.",
-            )
-            return self.alignment_embeddings(alignment_levels), None
+            return self.alignment_embeddings(alignment_levels.to(table.device).view(-1)), None
 
         batch_size = inputs_embeds.shape[0]
         mode = config.alignment_mode
@@ -272,32 +302,27 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
         image_outputs = (mm_encoder_outputs or {}).get("image")
-        if image_outputs is None and pixel_values is not None:
-            image_outputs = self.get_image_features(
-                pixel_values=pixel_values.to(self.vision_tower.dtype),
-                vision_feature_layer=vision_feature_layer,
-                vision_feature_select_strategy=vision_feature_select_strategy,
-                return_dict=True,
-            )
-
         alignment_weights = None
-        if image_outputs is not None:
+        if image_outputs is not None or pixel_values is not None:
+            image_mask, align_mask = self.get_placeholder_masks(input_ids, inputs_embeds)
+            # all checks on the inputs come before the vision tower runs
+            if image_outputs is None:
+                self.check_pixel_values(pixel_values)
+                num_images, num_patches = pixel_values.shape[0], self.config.num_image_tokens
+            else:
+                num_images, num_patches = len(image_outputs.pooler_output), image_outputs.pooler_output[0].shape[0]
+            self.check_placeholders(image_mask, align_mask, num_images, num_patches, alignment_levels)
+            if image_outputs is None:
+                image_outputs = self.get_image_features(
+                    pixel_values=pixel_values.to(self.vision_tower.dtype),
+                    vision_feature_layer=vision_feature_layer,
+                    vision_feature_select_strategy=vision_feature_select_strategy,
+                    return_dict=True,
+                )
             image_features = image_outputs.pooler_output
             if isinstance(image_features, (list, tuple)):
                 image_features = torch.stack(list(image_features))
             image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
-            image_mask, align_mask = self.get_placeholder_masks(input_ids, inputs_embeds)
-            num_images, num_patches = image_features.shape[:2]
-            torch_compilable_check(
-                image_mask.sum() == num_images * num_patches,
-                "The number of <image> placeholder tokens does not match the image features "
-                f"({num_images} images x {num_patches} features). Each image needs exactly {num_patches} <image> "
-                "tokens: build inputs with AlignGPTProcessor and make sure truncation does not cut them.",
-            )
-            torch_compilable_check(
-                (align_mask.sum(-1) <= (image_mask.sum(-1) > 0).long()).all(),
-                "Each row may hold at most one <align> token, and only rows with an image may hold one.",
-            )
             alignment_vectors, alignment_weights = self.compute_alignment_vectors(
                 image_features, inputs_embeds, image_mask, align_mask, attention_mask, alignment_levels,
                 gate_text_mask,
@@ -333,6 +358,8 @@ class AlignGPTForConditionalGeneration(AlignGPTPreTrainedModel, GenerationMixin)
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
+    # full paths: quantizers match these from the start of a module name (see AlignGPTModel)
+    _keep_in_fp32_modules = ["model.multi_modal_projector", "model.alignment_embeddings", "model.alignment_gate"]
 
     def __init__(self, config: AlignGPTConfig):
         super().__init__(config)
@@ -399,6 +426,12 @@ class AlignGPTForConditionalGeneration(AlignGPTPreTrainedModel, GenerationMixin)
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
         logits = self.lm_head(hidden_states)
+        if self.config.suppress_placeholder_logits:
+            # <image>/<align> are input slots, never outputs (in place: the LM head's backward does not need them)
+            placeholder_ids = torch.tensor(
+                [self.config.image_token_id, self.config.alignment_token_id], device=logits.device
+            )
+            logits.index_fill_(-1, placeholder_ids, torch.finfo(logits.dtype).min)
 
         loss = None
         if labels is not None:
