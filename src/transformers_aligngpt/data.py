@@ -1,0 +1,327 @@
+"""Datasets for AlignGPT training.
+
+LLaVA data layout
+-----------------
+LLaVA (and the original AlignGPT) keep their training data as one JSON file holding a list of records plus a folder
+of images::
+
+    [{"id": "004539375", "image": "00453/004539375.jpg",
+      "conversations": [{"from": "human", "value": "Render a clear and concise summary of the photo.\\n<image>"},
+                        {"from": "gpt", "value": "select luxury furniture 3 - inch gel memory foam mattress topper"}],
+      "similarity": 5},
+     ...]
+
+`image` is relative to the image folder and absent for text-only records (LLaVA-1.5's 665K mix has them); the
+pre-training file `blip_laion_cc_sbu_558k.json` has one human/gpt turn per record, the gpt answer being the caption.
+AlignGPT's pre-training file adds `similarity`: the record's alignment level (an integer, `N-1` = best aligned).
+
+`load_llava_json` turns such a file into a `datasets.Dataset` in the transformers / TRL chat format and
+`write_llava_json` writes one back in the original format (the alignment level in `similarity`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import datasets
+from datasets import Dataset, Features, List, Value
+
+__all__ = [
+    "IMAGE_PLACEHOLDER",
+    "LLAVA_FEATURES",
+    "llava_conversations_to_messages",
+    "messages_to_llava_conversations",
+    "load_llava_json",
+    "write_llava_json",
+]
+
+IMAGE_PLACEHOLDER = "<image>"
+
+_ROLE_FROM_LLAVA = {"human": "user", "gpt": "assistant", "system": "system"}
+_LLAVA_FROM_ROLE = {role: speaker for speaker, role in _ROLE_FROM_LLAVA.items()}
+
+#: Columns of the dataset `load_llava_json` returns.
+#: - `id`: the record's id (always a string; LLaVA's files mix strings and numbers);
+#: - `image_file`: the `image` field as written in the file (relative to the image folder), None for text-only;
+#: - `images`: the image path(s) resolved against the image folder: `[path]`, or `[]` for text-only records (the
+#:   column TRL's `SFTTrainer` reads; cast it with `datasets.List(datasets.Image())` to decode);
+#: - `messages`: the conversation in the transformers chat format;
+#: - `caption`: the gpt answer for single-turn records (the pre-training captions), else None;
+#: - `alignment_level`: the `similarity` field (None when absent); `clip_score`: a score written by
+#:   `write_llava_json(include_clip_score=True)` (None when absent).
+LLAVA_FEATURES = Features(
+    {
+        "id": Value("string"),
+        "image_file": Value("string"),
+        "images": List(Value("string")),
+        "messages": List(
+            {
+                "role": Value("string"),
+                "content": List({"type": Value("string"), "text": Value("string")}),
+            }
+        ),
+        "caption": Value("string"),
+        "alignment_level": Value("int32"),
+        "clip_score": Value("float32"),
+    }
+)
+
+
+def _value_to_content(value: str) -> list[dict[str, Any]]:
+    """LLaVA turn text -> chat content blocks; each `<image>` becomes an image block.
+
+    The newline that LLaVA puts between the placeholder and the text (`"<image>\\nQ"`, `"Q\\n<image>"`) belongs to the
+    placeholder and is dropped; `_content_to_value` puts it back.
+    """
+    pieces = value.split(IMAGE_PLACEHOLDER)
+    last = len(pieces) - 1
+    content: list[dict[str, Any]] = []
+    for i, piece in enumerate(pieces):
+        if i > 0:
+            content.append({"type": "image", "text": None})
+            if piece.startswith("\n"):
+                piece = piece[1:]
+        if i < last and piece.endswith("\n"):
+            piece = piece[:-1]
+        if piece or last == 0:
+            content.append({"type": "text", "text": piece})
+    return content
+
+
+def _content_to_value(content: str | list[dict[str, Any]] | None) -> str:
+    """Chat content blocks -> LLaVA turn text, inverse of `_value_to_content` (`<image>` joined with a newline)."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    out: list[str] = []
+    previous = None
+    for block in content:
+        kind = block.get("type")
+        if kind == "image":
+            if previous == "text":
+                out.append("\n")
+            out.append(IMAGE_PLACEHOLDER)
+        elif kind == "text":
+            if previous == "image":
+                out.append("\n")
+            out.append(block.get("text") or "")
+        else:
+            raise ValueError(f"cannot write a content block of type {kind!r} in the LLaVA layout")
+        previous = kind
+    return "".join(out)
+
+
+def llava_conversations_to_messages(conversations: list[dict[str, str]]) -> list[dict[str, Any]]:
+    """`[{"from": "human"|"gpt"|"system", "value": ...}]` -> `[{"role": ..., "content": [blocks]}]`."""
+    messages = []
+    for turn in conversations:
+        speaker = turn.get("from")
+        if speaker not in _ROLE_FROM_LLAVA:
+            raise ValueError(f"unknown speaker {speaker!r} in a LLaVA conversation (expected human, gpt or system)")
+        messages.append({"role": _ROLE_FROM_LLAVA[speaker], "content": _value_to_content(turn.get("value") or "")})
+    return messages
+
+
+def messages_to_llava_conversations(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """Inverse of `llava_conversations_to_messages`."""
+    conversations = []
+    for message in messages:
+        role = message["role"]
+        if role not in _LLAVA_FROM_ROLE:
+            raise ValueError(f"role {role!r} has no equivalent in the LLaVA layout (user, assistant or system)")
+        conversations.append({"from": _LLAVA_FROM_ROLE[role], "value": _content_to_value(message.get("content"))})
+    return conversations
+
+
+def _read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """A JSON list of records, or JSON lines."""
+    with open(path, encoding="utf-8") as f:
+        head = f.read(4096).lstrip()
+        f.seek(0)
+        if head.startswith("["):
+            records = json.load(f)
+        else:
+            records = [json.loads(line) for line in f if line.strip()]
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise ValueError(f"{path}: expected a JSON list of objects (LLaVA layout)")
+    return records
+
+
+def _level_from_similarity(value: Any, record_id: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
+        raise ValueError(
+            f"record {record_id!r}: `similarity` is {value!r}, expected an integer alignment level "
+            "(AlignGPT stores the level there, not the raw CLIP score)"
+        )
+    return int(value)
+
+
+def load_llava_json(
+    path: str | os.PathLike,
+    image_folder: str | os.PathLike | None = None,
+    *,
+    decode_images: bool = False,
+) -> Dataset:
+    """Read a LLaVA-layout JSON file (e.g. `blip_laion_cc_sbu_558k.json`) into a `datasets.Dataset`.
+
+    Args:
+        path: the JSON file (a list of `{id, image, conversations[, similarity]}` records; JSON lines also work).
+        image_folder: folder the `image` fields are relative to; the `images` column holds the joined paths.
+        decode_images: cast `images` to `datasets.List(datasets.Image())` so rows hold PIL images (lazily decoded).
+
+    Returns:
+        a Dataset with the columns of `LLAVA_FEATURES`: `id`, `image_file`, `images`, `messages`, `caption`,
+        `alignment_level` (from `similarity`), `clip_score`.
+    """
+    records = _read_records(path)
+    folder = os.path.abspath(os.fspath(image_folder)) if image_folder is not None else None
+
+    columns: dict[str, list] = {name: [] for name in LLAVA_FEATURES}
+    for i, record in enumerate(records):
+        record_id = record.get("id")
+        image_file = record.get("image")
+        if isinstance(image_file, list):  # some LLaVA derivatives store a list; the original holds one image
+            if len(image_file) > 1:
+                raise ValueError(f"record {record_id!r}: {len(image_file)} images; the LLaVA layout holds one")
+            image_file = image_file[0] if image_file else None
+        conversations = record.get("conversations")
+        if not isinstance(conversations, list):
+            raise ValueError(f"record {i} ({record_id!r}) has no `conversations` list")
+        messages = llava_conversations_to_messages(conversations)
+        caption = None
+        if [m["role"] for m in messages] == ["user", "assistant"]:
+            caption = conversations[1].get("value")
+        clip_score = record.get("clip_score")
+
+        columns["id"].append(None if record_id is None else str(record_id))
+        columns["image_file"].append(image_file)
+        if image_file is None:
+            columns["images"].append([])
+        else:
+            columns["images"].append([os.path.join(folder, image_file) if folder is not None else image_file])
+        columns["messages"].append(messages)
+        columns["caption"].append(caption)
+        columns["alignment_level"].append(_level_from_similarity(record.get("similarity"), record_id))
+        columns["clip_score"].append(None if clip_score is None else float(clip_score))
+
+    dataset = Dataset.from_dict(columns, features=LLAVA_FEATURES)
+    if decode_images:
+        dataset = dataset.cast_column("images", List(datasets.Image()))
+    return dataset
+
+
+def _iter_llava_records(
+    dataset: Dataset,
+    *,
+    level_column: str | None,
+    score_column: str | None,
+    image_folder: str | None,
+    batch_size: int = 10_000,
+) -> Iterator[dict[str, Any]]:
+    names = set(dataset.column_names)
+    if "messages" not in names and "caption" not in names:
+        raise ValueError("the dataset needs a `messages` column (or a `caption` column for pre-training data)")
+    wanted = [c for c in ("id", "image_file", "images", "messages", "caption") if c in names]
+    for c in (level_column, score_column):
+        if c is not None and c in names:
+            wanted.append(c)
+    view = dataset.select_columns(wanted)
+    if "images" in names and "image_file" not in names:
+        # only paths are written: never decode the images
+        feature = view.features["images"]
+        inner = getattr(feature, "feature", None)
+        if isinstance(inner, datasets.Image):
+            view = view.cast_column("images", List(datasets.Image(decode=False)))
+    row_number = 0
+    for batch in view.iter(batch_size=batch_size):
+        n = len(next(iter(batch.values())))
+        for j in range(n):
+            record: dict[str, Any] = {"id": batch["id"][j] if "id" in batch else str(row_number)}
+            image_file = _image_file_of(batch, j, image_folder)
+            if image_file is not None:
+                record["image"] = image_file
+            messages = batch["messages"][j] if "messages" in batch else None
+            if messages is None:
+                caption = batch.get("caption", [None] * n)[j]
+                conversations = [
+                    {"from": "human", "value": IMAGE_PLACEHOLDER if image_file is not None else ""},
+                    {"from": "gpt", "value": caption or ""},
+                ]
+            else:
+                conversations = messages_to_llava_conversations(messages)
+            record["conversations"] = conversations
+            if level_column is not None and level_column in batch and batch[level_column][j] is not None:
+                record["similarity"] = int(batch[level_column][j])
+            if score_column is not None and score_column in batch:
+                score = batch[score_column][j]
+                if score is not None and not math.isnan(score):
+                    record["clip_score"] = float(score)
+            row_number += 1
+            yield record
+
+
+def _image_file_of(batch: dict[str, list], j: int, image_folder: str | None) -> str | None:
+    if "image_file" in batch:
+        return batch["image_file"][j]
+    images = batch.get("images")
+    if not images or not images[j]:
+        return None
+    if len(images[j]) > 1:
+        raise ValueError(f"row {j}: {len(images[j])} images; the LLaVA layout holds one per record")
+    image = images[j][0]
+    path = image.get("path") if isinstance(image, dict) else image
+    if path is None:
+        raise ValueError("an image without a file path cannot be written in the LLaVA layout")
+    if image_folder is not None:
+        path = os.path.relpath(os.path.abspath(path), os.path.abspath(image_folder))
+    return path
+
+
+def write_llava_json(
+    dataset: Dataset,
+    path: str | os.PathLike,
+    *,
+    level_column: str | None = "alignment_level",
+    include_clip_score: bool = False,
+    score_column: str = "clip_score",
+    image_folder: str | os.PathLike | None = None,
+    indent: int | None = None,
+) -> int:
+    """Write a dataset back in the LLaVA / AlignGPT layout; returns the number of records written.
+
+    Each row becomes `{"id", "image", "conversations", "similarity"}`: `image` from `image_file` (or from `images`,
+    made relative to `image_folder` when given), omitted for text-only rows; `conversations` from `messages` (or,
+    without `messages`, a pre-training turn `<image>` -> caption); `similarity` from `level_column`, omitted where
+    the level is None. `include_clip_score=True` also writes `clip_score`, which `load_llava_json` reads back.
+    The file is written to a temporary name and renamed, so an interrupted write never leaves a truncated file.
+    """
+    path = os.fspath(path)
+    records = _iter_llava_records(
+        dataset,
+        level_column=level_column,
+        score_column=score_column if include_clip_score else None,
+        image_folder=os.fspath(image_folder) if image_folder is not None else None,
+    )
+    tmp = f"{path}.tmp-{os.getpid()}"
+    count = 0
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write("[\n")
+            for record in records:
+                if count:
+                    f.write(",\n")
+                f.write(json.dumps(record, ensure_ascii=False, indent=indent))
+                count += 1
+            f.write("\n]\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return count

@@ -1,0 +1,195 @@
+"""LLaVA data layout: reader, writer, round trip, conversion to the transformers chat format."""
+
+import json
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+from PIL import Image
+
+from transformers_aligngpt.data import (
+    LLAVA_FEATURES,
+    llava_conversations_to_messages,
+    load_llava_json,
+    messages_to_llava_conversations,
+    write_llava_json,
+)
+
+PRETRAIN = [
+    {
+        "id": "004539375",
+        "image": "00453/004539375.jpg",
+        "conversations": [
+            {"from": "human", "value": "Render a clear and concise summary of the photo.\n<image>"},
+            {"from": "gpt", "value": "select luxury furniture 3 - inch gel memory foam mattress topper"},
+        ],
+        "similarity": 5,
+    },
+    {
+        "id": "GCC_train_002582585",
+        "image": "GCC_train_002582585.jpg",
+        "conversations": [
+            {"from": "human", "value": "<image>\nGive a brief description of the image."},
+            {"from": "gpt", "value": "olive oil is a healthy ingredient used liberally ."},
+        ],
+        "similarity": 0,
+    },
+    {
+        "id": "no-level",
+        "image": "sub/dir/x.png",
+        "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "a caption"}],
+    },
+]
+
+INSTRUCT = [
+    {  # multi-turn with an image (LLaVA-665K style)
+        "id": "000000033471",
+        "image": "coco/train2017/000000033471.jpg",
+        "conversations": [
+            {"from": "human", "value": "<image>\nWhat are the colors of the bus in the image?"},
+            {"from": "gpt", "value": "The bus in the image is white and red."},
+            {"from": "human", "value": "What feature can be seen on the back of the bus?"},
+            {"from": "gpt", "value": "The back of the bus features an advertisement."},
+        ],
+    },
+    {  # text-only (ShareGPT rows have no image key)
+        "id": "i6IyJda_0",
+        "conversations": [
+            {"from": "human", "value": "How to tell if a customer segment is well segmented?"},
+            {"from": "gpt", "value": "1. Homogeneity\n2. Distinctiveness\n\n3. Stability"},
+        ],
+    },
+    {  # placeholder in the middle, several newlines around it
+        "id": "mid",
+        "image": "m.jpg",
+        "conversations": [
+            {"from": "human", "value": "Look:\n\n<image>\nthen answer."},
+            {"from": "gpt", "value": ""},
+        ],
+    },
+]
+
+
+def write(path, records):
+    Path(path).write_text(json.dumps(records, indent=2))
+    return path
+
+
+def test_read_pretraining_file(tmp_path):
+    ds = load_llava_json(write(tmp_path / "blip_laion_cc_sbu_558k.json", PRETRAIN), tmp_path / "images")
+    assert ds.features == LLAVA_FEATURES
+    assert ds["id"] == ["004539375", "GCC_train_002582585", "no-level"]
+    assert ds["image_file"] == [r["image"] for r in PRETRAIN]
+    assert ds["images"] == [[str(tmp_path / "images" / r["image"])] for r in PRETRAIN]
+    assert ds["caption"] == [r["conversations"][1]["value"] for r in PRETRAIN]
+    assert ds["alignment_level"] == [5, 0, None]
+    assert ds["clip_score"] == [None, None, None]
+    first = ds[0]["messages"]
+    assert first[0] == {
+        "role": "user",
+        "content": [
+            {"type": "text", "text": "Render a clear and concise summary of the photo."},
+            {"type": "image", "text": None},
+        ],
+    }
+    assert first[1] == {
+        "role": "assistant",
+        "content": [{"type": "text", "text": PRETRAIN[0]["conversations"][1]["value"]}],
+    }
+    assert ds[1]["messages"][0]["content"] == [
+        {"type": "image", "text": None},
+        {"type": "text", "text": "Give a brief description of the image."},
+    ]
+    assert ds[2]["messages"][0]["content"] == [{"type": "image", "text": None}]
+
+
+def test_read_instruction_file_with_text_only_rows(tmp_path):
+    ds = load_llava_json(write(tmp_path / "mix.json", INSTRUCT))  # no image folder: paths as written
+    assert ds["images"] == [["coco/train2017/000000033471.jpg"], [], ["m.jpg"]]
+    assert ds["image_file"] == ["coco/train2017/000000033471.jpg", None, "m.jpg"]
+    assert ds["caption"] == [None, INSTRUCT[1]["conversations"][1]["value"], ""]
+    assert [m["role"] for m in ds[0]["messages"]] == ["user", "assistant", "user", "assistant"]
+    assert ds[1]["messages"][0]["content"] == [{"type": "text", "text": INSTRUCT[1]["conversations"][0]["value"]}]
+    assert ds[2]["messages"][0]["content"] == [
+        {"type": "text", "text": "Look:\n"},
+        {"type": "image", "text": None},
+        {"type": "text", "text": "then answer."},
+    ]
+    # one image block per image row, none for the text-only row
+    counts = [sum(b["type"] == "image" for m in msgs for b in m["content"]) for msgs in ds["messages"]]
+    assert counts == [1, 0, 1]
+
+
+@pytest.mark.parametrize("records", [PRETRAIN, INSTRUCT, PRETRAIN + INSTRUCT], ids=["pretrain", "instruct", "mix"])
+def test_round_trip(tmp_path, records):
+    source = write(tmp_path / "in.json", records)
+    ds = load_llava_json(source, tmp_path)
+    assert write_llava_json(ds, tmp_path / "out.json") == len(records)
+    assert json.loads((tmp_path / "out.json").read_text()) == records
+    again = load_llava_json(tmp_path / "out.json", tmp_path)
+    assert again.to_list() == ds.to_list()
+
+
+def test_conversation_conversion_is_inverse():
+    for record in PRETRAIN + INSTRUCT:
+        conversations = record["conversations"]
+        assert messages_to_llava_conversations(llava_conversations_to_messages(conversations)) == conversations
+    with pytest.raises(ValueError, match="unknown speaker"):
+        llava_conversations_to_messages([{"from": "robot", "value": "x"}])
+    # plain string contents (another common chat format) are written as they are
+    assert messages_to_llava_conversations([{"role": "user", "content": "hi"}]) == [{"from": "human", "value": "hi"}]
+
+
+def test_numeric_ids_and_bad_similarity(tmp_path):
+    records = [dict(PRETRAIN[0], id=12), dict(PRETRAIN[1], similarity=3.0)]
+    ds = load_llava_json(write(tmp_path / "a.json", records))
+    assert ds["id"] == ["12", PRETRAIN[1]["id"]] and ds["alignment_level"] == [5, 3]
+    with pytest.raises(ValueError, match="integer alignment level"):
+        load_llava_json(write(tmp_path / "b.json", [dict(PRETRAIN[0], similarity=0.2734)]))
+
+
+def test_levels_and_scores_written_back(tmp_path):
+    ds = load_llava_json(write(tmp_path / "in.json", PRETRAIN))
+    ds = ds.remove_columns(["alignment_level", "clip_score"])
+    ds = ds.add_column("alignment_level", [7, 1, 4]).add_column("clip_score", np.array([0.31, 0.12, 0.25], np.float32))
+    write_llava_json(ds, tmp_path / "out.json", include_clip_score=True)
+    written = json.loads((tmp_path / "out.json").read_text())
+    assert [r["similarity"] for r in written] == [7, 1, 4]
+    np.testing.assert_allclose([r["clip_score"] for r in written], [0.31, 0.12, 0.25], rtol=1e-6)
+    back = load_llava_json(tmp_path / "out.json")
+    assert back["alignment_level"] == [7, 1, 4]
+    np.testing.assert_allclose(back["clip_score"], [0.31, 0.12, 0.25], rtol=1e-6)
+    # without the flag the original's format exactly: no clip_score key
+    write_llava_json(ds, tmp_path / "plain.json")
+    assert all("clip_score" not in r for r in json.loads((tmp_path / "plain.json").read_text()))
+
+
+def test_decoded_images_and_writing_from_images_column(tmp_path):
+    folder = tmp_path / "images"
+    (folder / "00453").mkdir(parents=True)
+    (folder / "sub" / "dir").mkdir(parents=True)
+    Image.new("RGB", (7, 5), (255, 0, 0)).save(folder / "00453" / "004539375.jpg")
+    Image.new("RGB", (4, 9), (0, 255, 0)).save(folder / "GCC_train_002582585.jpg")
+    Image.new("RGB", (3, 3), (0, 0, 255)).save(folder / "sub" / "dir" / "x.png")
+    ds = load_llava_json(write(tmp_path / "in.json", PRETRAIN), folder, decode_images=True)
+    assert [img[0].size for img in ds["images"]] == [(7, 5), (4, 9), (3, 3)]
+    # a dataset that only has the `images` column (e.g. built by hand for TRL) is written relative to the folder
+    only_images = ds.remove_columns(["image_file"])
+    write_llava_json(only_images, tmp_path / "out.json", image_folder=folder)
+    assert json.loads((tmp_path / "out.json").read_text()) == PRETRAIN
+
+
+def test_caption_only_dataset_is_written_as_pretraining_records(tmp_path):
+    ds = datasets.Dataset.from_dict(
+        {"id": ["a", "b"], "image_file": ["a.jpg", "b.jpg"], "caption": ["a cat", "a dog"], "alignment_level": [0, 1]}
+    )
+    write_llava_json(ds, tmp_path / "out.json")
+    written = json.loads((tmp_path / "out.json").read_text())
+    assert written[1] == {
+        "id": "b",
+        "image": "b.jpg",
+        "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "a dog"}],
+        "similarity": 1,
+    }
+    assert load_llava_json(tmp_path / "out.json")["caption"] == ["a cat", "a dog"]
