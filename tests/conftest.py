@@ -58,3 +58,161 @@ def chat(question, with_image=True, answer=None):
     if answer is not None:
         messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
     return messages
+
+
+# --- CLIP fixtures (alignment levels) ---
+# A tiny random CLIP saved like a Hub checkpoint (model, offline-trained BPE tokenizer, PIL image processor), and
+# JPEG image-caption pairs on disk. Used by tests/test_alignment_levels.py and tests/test_data.py.
+
+CLIP_WORDS = (
+    "a photo of the red blue green yellow circle square triangle dog cat bird car house tree sky grass on in "
+    "with and two three small large white black background top left right picture painting drawing close view"
+).split()
+
+
+def _clip_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<|startoftext|>", "<|endoftext|>"]
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator([" ".join(CLIP_WORDS)] * 4 + CLIP_WORDS, trainer=trainer)
+    bos, eos = tokenizer.token_to_id("<|startoftext|>"), tokenizer.token_to_id("<|endoftext|>")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", bos), ("<|endoftext|>", eos)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        model_max_length=24,
+    )
+
+
+@pytest.fixture(scope="session")
+def clip_tokenizer():
+    """The tiny CLIP's BPE tokenizer (byte-level, lower-cased, bos/eos added, vocab 400), trained offline."""
+    return _clip_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def clip_tiny_dir(tmp_path_factory):
+    """Folder holding a tiny random CLIPModel (hidden 32, 2 layers, 32 px images, patch 8), loadable by name."""
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
+
+    tokenizer = _clip_tokenizer()
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=24,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        ),
+        vision_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+        ),
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    model = CLIPModel(config).eval()
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    path = tmp_path_factory.mktemp("clip-tiny")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    image_processor.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def clip_tiny(clip_tiny_dir):
+    """(model, image_processor, tokenizer) of `clip_tiny_dir`, loaded independently, for reference computations."""
+    from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel
+
+    model = CLIPModel.from_pretrained(clip_tiny_dir).eval()
+    return model, CLIPImageProcessorPil.from_pretrained(clip_tiny_dir), AutoTokenizer.from_pretrained(clip_tiny_dir)
+
+
+def clip_write_pairs(folder, n, seed=0, start=0):
+    """Write `n` random JPEGs (varied sizes, smooth colour fields plus noise) under `folder/imgs/`.
+
+    Returns (relative image paths, captions); captions are random word sequences, all distinct.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    (Path(folder) / "imgs").mkdir(parents=True, exist_ok=True)
+    files, captions = [], []
+    for i in range(start, start + n):
+        h, w = (int(v) for v in rng.integers(24, 72, size=2))
+        coarse = Image.fromarray(rng.integers(0, 256, size=(3, 4, 3), dtype=np.uint8)).resize((w, h), Image.BILINEAR)
+        pixels = np.clip(np.asarray(coarse, dtype=np.int16) + rng.integers(-20, 21, size=(h, w, 3)), 0, 255)
+        name = f"imgs/{i:05d}.jpg"
+        Image.fromarray(pixels.astype(np.uint8)).save(Path(folder) / name, quality=90)
+        files.append(name)
+        captions.append(" ".join(rng.choice(CLIP_WORDS, size=int(rng.integers(2, 9)))) + f" {i}")
+    return files, captions
+
+
+@pytest.fixture
+def clip_pairs(tmp_path):
+    """Factory: `clip_pairs(n, seed=0)` -> (folder, relative image paths, captions) in a fresh temp folder."""
+
+    def make(n, seed=0):
+        files, captions = clip_write_pairs(tmp_path, n, seed=seed)
+        return tmp_path, files, captions
+
+    return make
+
+
+# --- original-format fixture (converter) ---
+# `../shared/fixtures/aligngpt-original-tiny`: a checkpoint of the original release format with the original code's
+# outputs, and that checkpoint converted once per session with the converter's command line.
+
+
+@pytest.fixture(scope="session")
+def original_fixture_dir():
+    if not (FIXTURE_DIR / "reference.json").is_file():
+        pytest.skip(f"the original-format fixture is not at {FIXTURE_DIR}")
+    return FIXTURE_DIR
+
+
+@pytest.fixture(scope="session")
+def original_reference(original_fixture_dir):
+    """(reference.json as a dict, reference_tensors.safetensors as a dict of tensors)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    reference = json.loads((original_fixture_dir / "reference.json").read_text())
+    return reference, load_file(str(original_fixture_dir / "reference_tensors.safetensors"))
+
+
+@pytest.fixture(scope="session")
+def converted_original_dir(original_fixture_dir, tmp_path_factory):
+    """The fixture checkpoint converted (float32) by `python -m transformers_aligngpt.convert`."""
+    from transformers_aligngpt.convert import main
+
+    output = tmp_path_factory.mktemp("aligngpt-converted")
+    main([
+        "--checkpoint", str(original_fixture_dir / "checkpoint"),
+        "--vision-tower", str(original_fixture_dir / "clip-vit-tiny"),
+        "--output", str(output),
+        "--dtype", "float32",
+    ])
+    return output

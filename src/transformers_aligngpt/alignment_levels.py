@@ -1,0 +1,863 @@
+"""Alignment levels for phase 1 (pre-training): CLIP image-caption similarity, ranked and cut into equal buckets.
+
+AlignGPT gives every pre-training pair an *alignment level*: the pairs are scored with CLIP (cosine similarity of
+the image embedding and the caption embedding), ranked, and the ranking is cut into `N` equal-count buckets, level
+`N-1` holding the best-aligned pairs. The original ships the levels precomputed (field `similarity` of its data
+file) without the code that made them; this module computes them for any data:
+
+- `score_pairs(dataset, model_name_or_path)`: CLIP (or SigLIP) cosine similarity of each image with its caption,
+  through transformers' `AutoModel` (`get_image_features` / `get_text_features`). Images are decoded and
+  preprocessed by the model's image processor (PIL backend) in `torch.utils.data.DataLoader` worker processes; the
+  model runs batched on the accelerator (bf16 / fp16 on GPU). The dataset is cut into contiguous shards; each shard
+  is scored with `datasets.Dataset.map(batched=True)` into its own Arrow cache file, named by a datasets fingerprint
+  of the shard's content and of the scorer (weights, processor, settings). An interrupted run therefore resumes
+  where it stopped: finished shards load from their cache files, only the others are scored. Under
+  `accelerate launch` each process scores its share of the pending shards; the results are gathered through the
+  cache files (one machine, or a shared file system).
+- `assign_levels(scores, num_levels)`: stable ranking -> equal-count buckets.
+- `aligngpt levels` / `python -m transformers_aligngpt.alignment_levels`: LLaVA-layout JSON in, AlignGPT-layout
+  JSON out (`similarity` = level).
+
+Bad input (no image, a missing or undecodable image file, an empty caption, a duplicate id) never stops a run
+half-way: such rows are collected in a `BadRowsReport` (count, ids, reasons) and either skipped
+(`on_bad="skip"`) or reported with a `BadRowsError` (`on_bad="error"`). With `"error"`, what can be checked before
+scoring (empty captions, duplicate ids, absent images and files) is checked first, before any work; images that
+turn out undecodable are reported after all other pairs are scored and cached, and are tried again by the next run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+import xxhash
+from datasets import Dataset, Features, List, Value, concatenate_datasets
+from datasets import Image as ImageFeature
+from datasets.fingerprint import Hasher
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_CLIP_MODEL",
+    "BadRowsError",
+    "BadRowsReport",
+    "add_alignment_levels",
+    "add_levels_subparser",
+    "assign_levels",
+    "main",
+    "run_levels",
+    "score_pairs",
+]
+
+#: the CLIP of the paper (AlignGPT-7B / 13B use ViT-L/14 at 336 px)
+DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14-336"
+
+_CACHE_VERSION = "aligngpt-clip-scores-v1"
+_SCORE_FEATURES = Features({"clip_score": Value("float32"), "clip_error": Value("string")})
+
+# reasons (the text before ':' is the category counted in reports)
+_NO_IMAGE = "no image"
+_MANY_IMAGES = "more than one image"
+_EMPTY_CAPTION = "empty caption"
+_DUPLICATE_ID = "duplicate id"
+_FILE_NOT_FOUND = "image file not found"
+_UNDECODABLE = "undecodable image"
+_IMAGE_ERRORS = (_FILE_NOT_FOUND, _UNDECODABLE)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# levels
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def assign_levels(scores, num_levels: int = 8) -> np.ndarray:
+    """Rank `scores` and cut the ranking into `num_levels` equal-count buckets.
+
+    Level `num_levels - 1` holds the highest scores, level 0 the lowest. The ranking is a stable sort: equal scores
+    keep their row order (the earlier row ranks lower), so the result is deterministic. With `n` rows, the row of
+    rank `r` (0 = lowest) gets level `r * num_levels // n`: bucket sizes differ by at most one.
+
+    Args:
+        scores: 1-D array-like of finite numbers (numpy, list, torch tensor).
+        num_levels: number of levels (the paper uses 8).
+
+    Returns:
+        int64 array of levels, aligned with `scores`.
+    """
+    if isinstance(num_levels, bool) or not isinstance(num_levels, (int, np.integer)) or num_levels < 1:
+        raise ValueError(f"num_levels must be a positive integer, got {num_levels!r}")
+    if isinstance(scores, torch.Tensor):
+        scores = scores.detach().float().cpu().numpy()
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim != 1:
+        raise ValueError(f"scores must be one-dimensional, got shape {scores.shape}")
+    n = scores.shape[0]
+    if n < num_levels:
+        raise ValueError(
+            f"cannot cut {n} scores into {num_levels} equal-count levels: every level needs at least one row "
+            f"(use at least {num_levels} rows or fewer levels)"
+        )
+    bad = ~np.isfinite(scores)
+    if bad.any():
+        raise ValueError(f"{int(bad.sum())} scores are NaN or infinite; drop those rows before assigning levels")
+    order = np.argsort(scores, kind="stable")
+    ranks = np.empty(n, dtype=np.int64)
+    ranks[order] = np.arange(n, dtype=np.int64)
+    return ranks * num_levels // n
+
+
+def add_alignment_levels(
+    dataset: Dataset,
+    num_levels: int = 8,
+    *,
+    score_column: str = "clip_score",
+    level_column: str = "alignment_level",
+) -> Dataset:
+    """`dataset` with `level_column` (int32) set to `assign_levels(dataset[score_column], num_levels)`."""
+    scores = dataset.with_format("arrow")[score_column].to_numpy()
+    levels = assign_levels(scores, num_levels).astype(np.int32)
+    if level_column in dataset.column_names:
+        dataset = dataset.remove_columns(level_column)
+    return dataset.add_column(level_column, levels, feature=Value("int32"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bad rows
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BadRowsReport:
+    """Rows that could not be scored: their positions in the input dataset, ids and reasons."""
+
+    rows: list[int] = field(default_factory=list)
+    ids: list[str | None] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def counts(self) -> dict[str, int]:
+        """Number of bad rows per kind of problem."""
+        return dict(Counter(reason.split(":", 1)[0] for reason in self.reasons))
+
+    def summary(self, max_ids: int = 20) -> str:
+        if not self.rows:
+            return "no bad rows"
+        kinds = ", ".join(f"{kind}: {count}" for kind, count in sorted(self.counts().items()))
+        shown = ", ".join(str(i) for i in self.ids[:max_ids])
+        more = f", ... ({len(self) - max_ids} more)" if len(self) > max_ids else ""
+        return f"{len(self)} bad rows ({kinds}); ids: {shown}{more}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "count": len(self),
+            "counts": self.counts(),
+            "rows": [{"row": r, "id": i, "reason": why} for r, i, why in zip(self.rows, self.ids, self.reasons)],
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, ensure_ascii=False, indent=1)
+
+
+class BadRowsError(ValueError):
+    """Raised by `score_pairs(on_bad="error")`; `.report` holds the bad rows."""
+
+    def __init__(self, report: BadRowsReport, when: str = ""):
+        self.report = report
+        super().__init__(f"{report.summary()}{when} (use on_bad='skip' to drop them)")
+
+
+def _report_from(reasons: np.ndarray, ids: np.ndarray) -> BadRowsReport:
+    rows = np.flatnonzero(reasons != None)  # noqa: E711  (object array)
+    return BadRowsReport(rows=rows.tolist(), ids=ids[rows].tolist(), reasons=reasons[rows].tolist())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the input view: image + caption columns, images never decoded in the main process
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _PairView:
+    """The image and text columns of a dataset; `Image` features are cast to `decode=False` (paths / bytes)."""
+
+    def __init__(self, dataset: Dataset, image_column: str, text_column: str, id_column: str | None, image_folder):
+        for column in (image_column, text_column):
+            if column not in dataset.column_names:
+                raise ValueError(f"column {column!r} not in the dataset (columns: {dataset.column_names})")
+        self.image_column, self.text_column = image_column, text_column
+        self.image_folder = os.path.abspath(os.fspath(image_folder)) if image_folder is not None else None
+        columns = [image_column, text_column]
+        self.id_column = id_column if id_column is not None and id_column in dataset.column_names else None
+        view = dataset.select_columns(columns + ([self.id_column] if self.id_column else []))
+        feature = view.features[image_column]
+        inner = getattr(feature, "feature", None)
+        if isinstance(feature, ImageFeature):
+            view = view.cast_column(image_column, ImageFeature(decode=False))
+        elif isinstance(feature, (List,)) and isinstance(inner, ImageFeature):
+            view = view.cast_column(image_column, List(ImageFeature(decode=False)))
+        self.view = view.with_format(None)
+        self.pairs = self.view.select_columns(columns)
+
+    def __len__(self) -> int:
+        return len(self.view)
+
+    def table(self) -> pa.Table:
+        return self.view.with_format("arrow")[:]
+
+    def ids(self, table: pa.Table) -> np.ndarray:
+        if self.id_column is None:
+            return np.arange(len(self)).astype(str).astype(object)
+        return np.asarray(table.column(self.id_column).to_pylist(), dtype=object)
+
+    def image_source(self, value) -> tuple[str | None, bytes | None]:
+        """(path, bytes) of one image cell; lists hold one image."""
+        if isinstance(value, list):
+            value = value[0]
+        if isinstance(value, dict):
+            path, data = value.get("path"), value.get("bytes")
+        else:
+            path, data = value, None
+        if data is None and path is not None and self.image_folder is not None and not os.path.isabs(path):
+            path = os.path.join(self.image_folder, path)
+        return path, data
+
+
+def _prescan(view: _PairView, table: pa.Table, ids: np.ndarray, check_files: bool) -> np.ndarray:
+    """Per-row reason (None = fine) for what can be seen without decoding: no image, empty caption, duplicate id."""
+    n = len(view)
+    reasons = np.full(n, None, dtype=object)
+
+    image = table.column(view.image_column).combine_chunks()
+    if pa.types.is_list(image.type) or pa.types.is_large_list(image.type):
+        lengths = pc.fill_null(pc.list_value_length(image), 0).to_numpy(zero_copy_only=False)
+        missing, many = lengths == 0, lengths > 1
+        # first element of every list (null for empty lists): the child values at the list offsets
+        value_type = image.type.value_type
+        if len(image.values) == 0:
+            first = pa.nulls(n, value_type)
+        else:
+            starts = np.where(lengths > 0, image.offsets.to_numpy()[:-1], 0)
+            first = pc.if_else(pa.array(lengths > 0), image.values.take(pa.array(starts)), pa.nulls(n, value_type))
+        first_is_null = (~np.asarray(pc.is_valid(first).to_numpy(zero_copy_only=False), dtype=bool)) & ~missing
+        missing |= first_is_null
+    else:
+        missing = ~np.asarray(pc.is_valid(image).to_numpy(zero_copy_only=False), dtype=bool)
+        many = np.zeros(n, dtype=bool)
+        first = image
+    if pa.types.is_struct(first.type):  # datasets.Image(decode=False): {bytes, path}
+        no_bytes = ~np.asarray(pc.is_valid(pc.struct_field(first, "bytes")).to_numpy(zero_copy_only=False), bool)
+        no_path = ~np.asarray(pc.is_valid(pc.struct_field(first, "path")).to_numpy(zero_copy_only=False), bool)
+        missing |= no_bytes & no_path
+    elif pa.types.is_string(first.type) or pa.types.is_large_string(first.type):
+        missing |= np.asarray(pc.fill_null(pc.equal(first, ""), True).to_numpy(zero_copy_only=False), dtype=bool)
+
+    text = table.column(view.text_column).combine_chunks()
+    empty = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(text), ""), True)
+    empty = np.asarray(empty.to_numpy(zero_copy_only=False), dtype=bool)
+
+    duplicate = np.zeros(n, dtype=bool)
+    if view.id_column is not None:
+        import pandas as pd
+
+        series = pd.Series(ids)
+        duplicate = series.duplicated(keep="first").to_numpy() & series.notna().to_numpy()
+
+    reasons[duplicate] = _DUPLICATE_ID
+    reasons[empty] = _EMPTY_CAPTION
+    reasons[many] = _MANY_IMAGES
+    reasons[missing] = _NO_IMAGE
+
+    if check_files:  # stat the files up front (on_bad="error" fails before any work)
+        candidates = np.flatnonzero(reasons == None)  # noqa: E711
+        cells = view.pairs.select_columns([view.image_column])[candidates.tolist()][view.image_column]
+        for row, cell in zip(candidates, cells):
+            path, data = view.image_source(cell)
+            if data is None and not os.path.isfile(path):
+                reasons[row] = f"{_FILE_NOT_FOUND}: {path}"
+    return reasons
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the scorer: model + image processor + tokenizer
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
+        return getattr(torch, dtype)
+    raise ValueError(f"unknown dtype {dtype!r} (use 'auto', 'float32', 'bfloat16' or 'float16')")
+
+
+def _load_image_processor(name, **kwargs):
+    from transformers import AutoImageProcessor
+
+    try:  # the PIL backend: no torchvision needed
+        return AutoImageProcessor.from_pretrained(name, backend="pil", **kwargs)
+    except TypeError:  # transformers without backends
+        return AutoImageProcessor.from_pretrained(name, **kwargs)
+
+
+def _embedding(output) -> torch.Tensor:
+    """`get_image_features` / `get_text_features` return a tensor or (transformers >= 5) an output object."""
+    if isinstance(output, torch.Tensor):
+        return output
+    pooled = getattr(output, "pooler_output", None)
+    return pooled if pooled is not None else output[0]
+
+
+def _weights_digest(model: torch.nn.Module) -> str:
+    """xxhash of every parameter and buffer, bit for bit: the cache key of the weights."""
+    h = xxhash.xxh64()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tensor.dtype).encode())
+        flat = tensor.detach().reshape(-1).contiguous()
+        h.update(flat.view(torch.uint8).cpu().numpy().tobytes() if flat.numel() else b"")
+    return h.hexdigest()
+
+
+class _ClipScorer:
+    """Cosine similarity of image and text embeddings of a CLIP-like model (CLIP, SigLIP: `get_*_features`)."""
+
+    def __init__(self, model, image_processor, tokenizer, device: torch.device, dtype: torch.dtype, *,
+                 normalize_on_device: bool, jpeg_draft: bool, max_text_length: int | None):
+        for method in ("get_image_features", "get_text_features"):
+            if not hasattr(model, method):
+                raise TypeError(f"{type(model).__name__} has no `{method}`: pass a CLIP or SigLIP checkpoint")
+        self.device, self.dtype = device, dtype
+        self.model = model.to(device=device, dtype=dtype).eval()
+        self.image_processor, self.tokenizer = image_processor, tokenizer
+        config = model.config
+        text_config = getattr(config, "text_config", config)
+        limit = getattr(text_config, "max_position_embeddings", None)
+        model_max = getattr(tokenizer, "model_max_length", None)
+        if max_text_length is None:
+            candidates = [v for v in (limit, model_max) if isinstance(v, int) and 0 < v < 1_000_000]
+            max_text_length = min(candidates) if candidates else None
+        # SigLIP was trained on texts padded to the full length (and without attention mask)
+        siglip = str(getattr(config, "model_type", "")).startswith("siglip")
+        self.text_kwargs = {
+            "padding": "max_length" if siglip else "longest",
+            "truncation": max_text_length is not None,
+            "max_length": max_text_length,
+            "return_tensors": "pt",
+        }
+        # resize / crop in the workers by the image processor; rescale + normalise (an affine map with the
+        # processor's own factors) on the accelerator, so workers ship uint8 (4x less) and skip two numpy passes
+        self.normalize_on_device = normalize_on_device and all(
+            hasattr(image_processor, a) for a in ("do_rescale", "rescale_factor", "do_normalize", "image_mean")
+        )
+        self.processor_kwargs: dict[str, Any] = {"return_tensors": "pt"}
+        if self.normalize_on_device:
+            self.processor_kwargs.update(do_rescale=False, do_normalize=False)
+            scale = float(image_processor.rescale_factor) if image_processor.do_rescale else 1.0
+            if image_processor.do_normalize:
+                mean = torch.as_tensor(image_processor.image_mean, dtype=torch.float32).reshape(1, -1, 1, 1)
+                std = torch.as_tensor(image_processor.image_std, dtype=torch.float32).reshape(1, -1, 1, 1)
+            else:
+                mean, std = torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1)
+            # x * scale - mean) / std  ==  x * a + b
+            self._affine = ((scale / std).to(device), (-mean / std).to(device))
+        self.jpeg_draft = jpeg_draft
+        self.draft_size = self._draft_size() if jpeg_draft else None
+
+    def _draft_size(self) -> tuple[int, int] | None:
+        size = getattr(self.image_processor, "size", None) or {}
+        get = size.get if isinstance(size, dict) else lambda k, d=None: getattr(size, k, d)
+        if get("shortest_edge"):
+            return (int(get("shortest_edge")), int(get("shortest_edge")))
+        if get("height") and get("width"):
+            return (int(get("width")), int(get("height")))
+        return None
+
+    def fingerprint(self) -> str:
+        tokenizer_state = None
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            tokenizer_state = backend.to_str()
+        else:
+            tokenizer_state = (type(self.tokenizer).__name__, sorted(self.tokenizer.get_vocab().items()))
+        return Hasher.hash(
+            {
+                "version": _CACHE_VERSION,
+                "model_class": type(self.model).__name__,
+                "config": self.model.config.to_json_string(use_diff=False),
+                "weights": _weights_digest(self.model),
+                "dtype": str(self.dtype),
+                "image_processor": self.image_processor.to_json_string(),
+                "tokenizer": tokenizer_state,
+                "text_kwargs": {k: v for k, v in self.text_kwargs.items() if k != "return_tensors"},
+                "normalize_on_device": self.normalize_on_device,
+                "jpeg_draft": self.draft_size,
+            }
+        )
+
+    @torch.inference_mode()
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        ok = np.asarray(batch["ok"], dtype=bool)
+        scores = np.full(ok.shape[0], np.nan, dtype=np.float32)
+        if ok.any():
+            pixel_values = batch["pixel_values"].to(self.device, non_blocking=True)
+            if self.normalize_on_device:
+                a, b = self._affine
+                pixel_values = pixel_values.float() * a + b
+            pixel_values = pixel_values.to(self.dtype)
+            text = {k: v.to(self.device, non_blocking=True) for k, v in batch["text"].items()}
+            image_embeds = _embedding(self.model.get_image_features(pixel_values=pixel_values))
+            text_embeds = _embedding(self.model.get_text_features(**text))
+            cosine = torch.nn.functional.cosine_similarity(image_embeds.float(), text_embeds.float(), dim=-1)
+            scores[ok] = cosine.cpu().numpy()
+        return {"clip_score": scores, "clip_error": list(batch["errors"])}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# worker side: one item = one batch of rows, decoded and preprocessed
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _identity(x):
+    return x
+
+
+class _PairBatches(torch.utils.data.Dataset):
+    """Item `b` = batch `b`: decode its images, run the image processor and the tokenizer (in a worker process)."""
+
+    def __init__(self, view: _PairView, batches: list[np.ndarray], reasons: np.ndarray, scorer: _ClipScorer):
+        self.view, self.batches, self.reasons = view, batches, reasons
+        self.image_processor, self.tokenizer = scorer.image_processor, scorer.tokenizer
+        self.processor_kwargs, self.text_kwargs = scorer.processor_kwargs, scorer.text_kwargs
+        self.draft_size = scorer.draft_size
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def _open(self, cell):
+        from PIL import Image
+
+        path, data = self.view.image_source(cell)
+        image = Image.open(_io_bytes(data) if data is not None else path)
+        if self.draft_size is not None and image.format == "JPEG":
+            image.draft("RGB", self.draft_size)
+        image.load()
+        return image
+
+    def __getitem__(self, b: int) -> dict[str, Any]:
+        indices = self.batches[b]
+        errors = self.reasons[indices].tolist()
+        todo = [j for j, e in enumerate(errors) if e is None]
+        rows = self.view.pairs[indices[todo].tolist()] if todo else {self.view.image_column: [], self.view.text_column: []}
+        images, texts, keep = [], [], []
+        for j, cell, text in zip(todo, rows[self.view.image_column], rows[self.view.text_column]):
+            try:
+                images.append(self._open(cell))
+            except FileNotFoundError as e:
+                errors[j] = f"{_FILE_NOT_FOUND}: {e.filename}"
+                continue
+            except Exception as e:  # noqa: BLE001  (PIL raises many kinds)
+                errors[j] = f"{_UNDECODABLE}: {type(e).__name__}: {e}"
+                continue
+            texts.append(text)
+            keep.append(j)
+        pixel_values = None
+        if images:
+            try:
+                pixel_values = self.image_processor(images=images, **self.processor_kwargs)["pixel_values"]
+            except Exception:  # noqa: BLE001  one odd image must not sink the batch: find it
+                good, arrays = [], []
+                for j, image in zip(keep, images):
+                    try:
+                        arrays.append(self.image_processor(images=[image], **self.processor_kwargs)["pixel_values"])
+                        good.append(j)
+                    except Exception as e:  # noqa: BLE001
+                        errors[j] = f"{_UNDECODABLE}: {type(e).__name__}: {e}"
+                texts = [t for j, t in zip(keep, texts) if j in set(good)]
+                keep = good
+                pixel_values = torch.cat(arrays) if arrays else None
+        ok = np.zeros(len(indices), dtype=bool)
+        ok[keep] = True
+        text = dict(self.tokenizer(texts, **self.text_kwargs)) if keep else {}
+        text = {k: v for k, v in text.items() if k in ("input_ids", "attention_mask", "position_ids")}
+        return {"indices": indices, "ok": ok, "errors": errors, "pixel_values": pixel_values, "text": text}
+
+
+def _io_bytes(data: bytes):
+    import io
+
+    return io.BytesIO(data)
+
+
+def _scored_batches(view, batches, reasons, scorer, num_workers: int, prefetch_factor: int):
+    """Generator of (batch, scores) in order; decoding runs in `num_workers` DataLoader worker processes."""
+    if not batches:
+        return
+    workers = min(num_workers, len(batches))
+    loader = torch.utils.data.DataLoader(
+        _PairBatches(view, batches, reasons, scorer),
+        batch_size=None,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=_identity,
+        pin_memory=scorer.device.type == "cuda",
+        prefetch_factor=prefetch_factor if workers > 0 else None,
+    )
+    iterator = iter(loader)
+    try:
+        for batch in iterator:
+            yield batch, scorer(batch)
+    finally:
+        del iterator  # stops the workers, also when the consumer raised
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# score_pairs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _default_cache_dir() -> str:
+    import datasets
+
+    return os.path.join(str(datasets.config.HF_DATASETS_CACHE), "aligngpt_clip_scores")
+
+
+def _default_num_workers(num_processes: int) -> int:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(32, cpus // max(1, num_processes) - 1))
+
+
+def score_pairs(
+    dataset: Dataset,
+    model_name_or_path: str | os.PathLike = DEFAULT_CLIP_MODEL,
+    *,
+    model=None,
+    image_processor=None,
+    tokenizer=None,
+    image_column: str = "images",
+    text_column: str = "caption",
+    id_column: str | None = "id",
+    image_folder: str | os.PathLike | None = None,
+    score_column: str = "clip_score",
+    batch_size: int = 128,
+    num_workers: int | None = None,
+    prefetch_factor: int = 4,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype = "auto",
+    shard_size: int = 8192,
+    cache_dir: str | os.PathLike | None = None,
+    overwrite_cache: bool = False,
+    on_bad: str = "skip",
+    normalize_on_device: bool = True,
+    jpeg_draft: bool = False,
+    max_text_length: int | None = None,
+    progress: bool = True,
+    return_report: bool = False,
+    **from_pretrained_kwargs,
+):
+    """CLIP cosine similarity of every image with its caption, added as column `score_column` (float32).
+
+    Args:
+        dataset: rows with an image (`image_column`: a path, a one-element list of paths such as the `images` column
+            of `load_llava_json`, or a `datasets.Image` / `List(Image)` feature) and a caption (`text_column`).
+        model_name_or_path: a CLIP or SigLIP checkpoint (Hub id or local folder) loaded with `AutoModel`,
+            `AutoImageProcessor(backend="pil")` and `AutoTokenizer`; ignored for what `model` / `image_processor` /
+            `tokenizer` provide.
+        model, image_processor, tokenizer: already-built components (e.g. a model built from a config).
+        id_column: ids, for the report and the duplicate check (row numbers when absent).
+        image_folder: folder that relative image paths are relative to.
+        batch_size: pairs per forward pass. num_workers: DataLoader worker processes that decode and preprocess
+            (default: the CPUs of this process's share of the machine, minus one); 0 decodes in this process.
+        device, dtype: default: accelerate's device for this process; bf16 (fp16 without bf16) on GPU, fp32 on CPU.
+        shard_size: rows per cache file; an interrupted run loses at most the shards in flight.
+        cache_dir: where the shard files live (default: `<HF datasets cache>/aligngpt_clip_scores`);
+            `overwrite_cache=True` rescores everything.
+        on_bad: `"skip"` drops bad rows from the result, `"error"` raises `BadRowsError` (see the module docstring).
+        normalize_on_device: rescale and normalise on the accelerator (the processor's own factors) instead of in
+            the workers; `False` runs the whole image processor in the workers.
+        jpeg_draft: let libjpeg decode large JPEGs at a reduced scale (still at least the processor's resize size):
+            much faster for big images, slightly different pixels.
+        max_text_length: token limit of captions (default: the text model's position limit, 77 for CLIP).
+        progress: show a progress bar (on the main process).
+        return_report: also return the `BadRowsReport`.
+        **from_pretrained_kwargs: passed to every `from_pretrained` (`revision`, `local_files_only`, ...).
+
+    Returns:
+        the dataset with `score_column` added (bad rows dropped with `on_bad="skip"`), or `(dataset, report)`.
+    """
+    from accelerate import PartialState
+
+    if on_bad not in ("skip", "error"):
+        raise ValueError(f"on_bad must be 'skip' or 'error', got {on_bad!r}")
+    if batch_size < 1 or shard_size < 1:
+        raise ValueError("batch_size and shard_size must be positive")
+    state = PartialState()
+    device = torch.device(device) if device is not None else state.device
+    dtype = _resolve_dtype(dtype, device)
+    if num_workers is None:
+        num_workers = _default_num_workers(state.num_processes)
+
+    if model is None:
+        from transformers import AutoModel
+
+        model = AutoModel.from_pretrained(model_name_or_path, dtype=dtype, **from_pretrained_kwargs)
+    if image_processor is None:
+        image_processor = _load_image_processor(model_name_or_path, **from_pretrained_kwargs)
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, **from_pretrained_kwargs)
+    scorer = _ClipScorer(
+        model, image_processor, tokenizer, device, dtype,
+        normalize_on_device=normalize_on_device, jpeg_draft=jpeg_draft, max_text_length=max_text_length,
+    )
+
+    view = _PairView(dataset, image_column, text_column, id_column, image_folder)
+    n = len(view)
+    table = view.table()
+    ids = view.ids(table)
+    reasons = _prescan(view, table, ids, check_files=on_bad == "error")
+    if on_bad == "error" and (reasons != None).any():  # noqa: E711
+        raise BadRowsError(_report_from(reasons, ids), " found before scoring")
+
+    # shards: contiguous row ranges, each cached under a fingerprint of its content and of the scorer
+    cache_dir = os.fspath(cache_dir) if cache_dir is not None else _default_cache_dir()
+    os.makedirs(cache_dir, exist_ok=True)
+    scorer_key = scorer.fingerprint()
+    ranges = [(start, min(start + shard_size, n)) for start in range(0, n, shard_size)]
+    keys, files = [], []
+    for start, end in ranges:
+        content = table.slice(start, end - start)
+        key = Hasher.hash(
+            {
+                "scorer": scorer_key,
+                "images": content.column(view.image_column).to_pylist(),
+                "texts": content.column(view.text_column).to_pylist(),
+                "image_folder": view.image_folder,
+                "skipped": reasons[start:end].tolist(),
+            }
+        )
+        keys.append(key)
+        files.append(os.path.join(cache_dir, f"clip-scores-{key}.arrow"))
+    pending = [k for k, f in enumerate(files) if overwrite_cache or not os.path.exists(f)]
+    state.wait_for_everyone()  # every process has seen the same cache state before anything is written
+    with state.split_between_processes(pending) as mine:
+        mine = list(mine)
+
+    n_mine = sum(ranges[k][1] - ranges[k][0] for k in mine)
+    if state.is_main_process:
+        logger.info(
+            "scoring %d pairs: %d shards of %d, %d cached, %d to score on %d process(es); %d rows here on %s "
+            "(%s), %d decoding workers", n, len(ranges), shard_size, len(ranges) - len(pending), len(pending),
+            state.num_processes, n_mine, device, dtype, num_workers,
+        )
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=n_mine, unit="pair", desc="CLIP scores", disable=not progress or not state.is_main_process)
+    batches = [
+        np.arange(s, min(s + batch_size, ranges[k][1]), dtype=np.int64)
+        for k in mine
+        for s in range(ranges[k][0], ranges[k][1], batch_size)
+    ]
+    results = _scored_batches(view, batches, reasons, scorer, num_workers, prefetch_factor)
+    texts_only = view.pairs.select_columns([view.text_column])
+
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    bars_were_disabled = are_progress_bars_disabled()
+    disable_progress_bars()  # one bar for the whole run, not one per shard
+    try:
+        for k in mine:
+            start, end = ranges[k]
+
+            def score_batch(_texts, local_indices, _start=start):
+                batch, scores = next(results)
+                expected = np.asarray(local_indices, dtype=np.int64) + _start
+                if not np.array_equal(batch["indices"], expected):
+                    raise RuntimeError("internal error: data loader and map are out of step")
+                bar.update(len(expected))
+                return scores
+
+            texts_only.select(range(start, end)).map(
+                score_batch,
+                batched=True,
+                batch_size=batch_size,
+                with_indices=True,
+                input_columns=[view.text_column],
+                remove_columns=[view.text_column],
+                features=_SCORE_FEATURES,
+                cache_file_name=files[k],
+                new_fingerprint=keys[k],
+                load_from_cache_file=not overwrite_cache,
+            )
+    finally:
+        results.close()
+        bar.close()
+        if not bars_were_disabled:
+            enable_progress_bars()
+    state.wait_for_everyone()
+
+    # gather every shard (scored here, by another process, or in an earlier run)
+    if files:
+        scored = concatenate_datasets([Dataset.from_file(f) for f in files]).with_format("arrow")[:]
+    else:
+        scored = pa.table({"clip_score": pa.array([], pa.float32()), "clip_error": pa.array([], pa.string())})
+    scores = scored.column("clip_score").to_numpy().astype(np.float32)  # nulls never occur: NaN marks failures
+    error_column = scored.column("clip_error")
+    errors = np.asarray(error_column.to_pylist(), dtype=object)
+
+    # images that failed in an earlier run are tried again (they may have been fixed since): a small pass, uncached
+    failed_image = pc.fill_null(
+        pc.or_(pc.starts_with(error_column, _FILE_NOT_FOUND), pc.starts_with(error_column, _UNDECODABLE)), False
+    ).to_numpy()
+    from_earlier_run = np.ones(n, dtype=bool)
+    for k in pending:
+        from_earlier_run[ranges[k][0] : ranges[k][1]] = False
+    retry = np.flatnonzero(failed_image & from_earlier_run)
+    if retry.size:
+        logger.info("trying again %d images that failed in an earlier run", retry.size)
+        retry_batches = [retry[i : i + batch_size] for i in range(0, retry.size, batch_size)]
+        for batch, result in _scored_batches(view, retry_batches, reasons, scorer, 0, prefetch_factor):
+            scores[batch["indices"]] = result["clip_score"]
+            errors[batch["indices"]] = np.asarray(result["clip_error"], dtype=object)
+
+    report = _report_from(errors, ids)
+    if len(report):
+        (logger.warning if state.is_main_process else logger.debug)("CLIP scoring: %s", report.summary())
+    if on_bad == "error" and len(report):
+        raise BadRowsError(report, " (all other pairs are scored and cached)")
+
+    out = dataset.remove_columns(score_column) if score_column in dataset.column_names else dataset
+    out = out.add_column(score_column, scores, feature=Value("float32"))
+    if len(report):
+        keep = np.flatnonzero(errors == None)  # noqa: E711
+        out = out.select(keep)
+    return (out, report) if return_report else out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# command line: aligngpt levels / python -m transformers_aligngpt.alignment_levels
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _add_levels_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--data", required=True, help="LLaVA-layout JSON (e.g. blip_laion_cc_sbu_558k.json)")
+    parser.add_argument("--image-folder", default=None, help="folder the `image` fields are relative to")
+    parser.add_argument("--output", required=True, help="where to write the JSON with levels in `similarity`")
+    parser.add_argument("--clip", default=DEFAULT_CLIP_MODEL, help="CLIP / SigLIP checkpoint: Hub id or folder")
+    parser.add_argument("--num-levels", type=int, default=8, help="number of alignment levels (default 8)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--num-workers", type=int, default=None, help="image-decoding worker processes")
+    parser.add_argument("--device", default=None, help="default: accelerate's device for this process")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--shard-size", type=int, default=8192, help="rows per resumable cache file")
+    parser.add_argument("--cache-dir", default=None, help="default: <HF datasets cache>/aligngpt_clip_scores")
+    parser.add_argument("--overwrite-cache", action="store_true", help="rescore everything")
+    parser.add_argument(
+        "--on-bad", default="skip", choices=["skip", "error"],
+        help="rows with a missing/undecodable image, an empty caption or a duplicate id: drop them from the output "
+        "(skip) or stop with a report before writing (error)",
+    )
+    parser.add_argument("--bad-rows-report", default=None, help="write the bad rows (row, id, reason) as JSON here")
+    parser.add_argument("--include-clip-score", action="store_true", help="also write `clip_score` per record")
+    parser.add_argument("--jpeg-draft", action="store_true", help="decode large JPEGs at reduced scale (faster)")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def add_levels_subparser(subparsers) -> argparse.ArgumentParser:
+    """Register `levels` on an argparse sub-parser collection (`aligngpt levels ...`); `run_levels` handles it."""
+    parser = subparsers.add_parser(
+        "levels",
+        help="compute alignment levels (CLIP similarity buckets) for a LLaVA-layout data file",
+        description=__doc__.split("\n\n")[0],
+    )
+    _add_levels_arguments(parser)
+    parser.set_defaults(func=run_levels)
+    return parser
+
+
+def run_levels(args: argparse.Namespace) -> int:
+    """Score, bucket and write; returns the exit status (0, or 1 when `--on-bad error` found bad rows)."""
+    from accelerate import PartialState
+
+    from .data import load_llava_json, write_llava_json
+
+    state = PartialState()
+    if state.is_main_process and not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    dataset = load_llava_json(args.data, args.image_folder)
+    try:
+        scored, report = score_pairs(
+            dataset,
+            args.clip,
+            image_column="images",
+            text_column="caption",
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            device=args.device,
+            dtype=args.dtype,
+            shard_size=args.shard_size,
+            cache_dir=args.cache_dir,
+            overwrite_cache=args.overwrite_cache,
+            on_bad=args.on_bad,
+            jpeg_draft=args.jpeg_draft,
+            progress=not args.no_progress,
+            return_report=True,
+        )
+    except BadRowsError as error:
+        if state.is_main_process:
+            if args.bad_rows_report:
+                error.report.save(args.bad_rows_report)
+            print(f"error: {error}", file=sys.stderr)
+        return 1
+    leveled = add_alignment_levels(scored, args.num_levels)
+    if state.is_main_process:
+        if args.bad_rows_report:
+            report.save(args.bad_rows_report)
+        written = write_llava_json(leveled, args.output, include_clip_score=args.include_clip_score)
+        sizes = np.bincount(
+            leveled.with_format("arrow")["alignment_level"].to_numpy(), minlength=args.num_levels
+        )
+        print(
+            json.dumps(
+                {
+                    "output": os.fspath(args.output),
+                    "records": written,
+                    "skipped": len(report),
+                    "skipped_by_reason": report.counts(),
+                    "skipped_ids": report.ids[:20],
+                    "level_sizes": sizes.tolist(),
+                }
+            )
+        )
+    state.wait_for_everyone()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m transformers_aligngpt.alignment_levels", description=__doc__.split("\n\n")[0]
+    )
+    _add_levels_arguments(parser)
+    return run_levels(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,401 @@
+"""Alignment levels: bucketing, CLIP scores against an independent computation, resume, bad rows, CLI."""
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import CLIPModel
+
+from transformers_aligngpt.alignment_levels import (
+    BadRowsError,
+    add_alignment_levels,
+    add_levels_subparser,
+    assign_levels,
+    main,
+    score_pairs,
+)
+from transformers_aligngpt.data import load_llava_json
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# assign_levels
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def brute_force_levels(scores, num_levels):
+    """Rank of row i = rows with a smaller score + earlier rows with an equal score; level = rank * L // n."""
+    s = np.asarray(scores, dtype=np.float64)
+    n = len(s)
+    smaller = (s[None, :] < s[:, None]).sum(1)
+    earlier_equal = np.tril(s[None, :] == s[:, None], k=-1).sum(1)
+    return (smaller + earlier_equal) * num_levels // n
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_levels_match_brute_force_and_have_equal_sizes(seed):
+    rng = np.random.default_rng(seed)
+    for _ in range(20):
+        num_levels = int(rng.integers(1, 12))
+        n = int(rng.integers(num_levels, 300))
+        # few distinct values in half the cases: many ties
+        scores = rng.normal(size=n) if rng.random() < 0.5 else rng.integers(0, 5, size=n).astype(float)
+        levels = assign_levels(scores, num_levels)
+        np.testing.assert_array_equal(levels, brute_force_levels(scores, num_levels))
+        sizes = np.bincount(levels, minlength=num_levels)
+        assert len(sizes) == num_levels and sizes.min() >= 1
+        assert sizes.max() - sizes.min() <= 1
+        # order: a strictly higher score never gets a lower level
+        order = np.argsort(scores, kind="stable")
+        assert np.all(np.diff(levels[order]) >= 0)
+        # deterministic
+        np.testing.assert_array_equal(levels, assign_levels(scores.copy(), num_levels))
+
+
+def test_levels_ties_follow_row_order():
+    scores = np.array([0.5, 0.1, 0.5, 0.5, 0.9, 0.1, 0.5, 0.5])
+    levels = assign_levels(scores, 4)
+    # ranks: 0.1 (rows 1, 5) -> 0, 1; 0.5 (rows 0, 2, 3, 6, 7) -> 2..6; 0.9 (row 4) -> 7; level = rank // 2
+    np.testing.assert_array_equal(levels, [1, 0, 1, 2, 3, 0, 2, 3])
+
+
+def test_levels_all_equal_scores_split_by_row_order():
+    levels = assign_levels(np.full(10, 0.3), 4)
+    np.testing.assert_array_equal(levels, np.arange(10) * 4 // 10)
+    assert np.bincount(levels).tolist() == [3, 2, 3, 2]
+
+
+def test_levels_errors_and_inputs():
+    with pytest.raises(ValueError, match="cannot cut 5 scores into 8"):
+        assign_levels(np.arange(5.0), 8)
+    with pytest.raises(ValueError, match="NaN"):
+        assign_levels([0.1, float("nan"), 0.3], 2)
+    with pytest.raises(ValueError, match="positive integer"):
+        assign_levels([0.1, 0.2], 0)
+    # exactly as many rows as levels: one row per level, in score order
+    np.testing.assert_array_equal(assign_levels([0.3, 0.1, 0.2], 3), [2, 0, 1])
+    # torch tensors and lists
+    np.testing.assert_array_equal(assign_levels(torch.tensor([0.3, 0.1, 0.2, 0.0]), 2), [1, 0, 1, 0])
+    ds = datasets.Dataset.from_dict({"clip_score": [0.3, 0.1, 0.2, 0.0], "alignment_level": [None] * 4})
+    assert list(add_alignment_levels(ds, 2)["alignment_level"]) == [1, 0, 1, 0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# score_pairs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def reference_scores(clip_tiny, paths, captions):
+    """Cosine similarity computed pair by pair: image processor, tokenizer, get_*_features, F.cosine_similarity."""
+    model, image_processor, tokenizer = clip_tiny
+    out = []
+    with torch.no_grad():
+        for path, caption in zip(paths, captions):
+            pixel_values = image_processor(images=Image.open(path), return_tensors="pt")["pixel_values"]
+            text = tokenizer(caption, return_tensors="pt")
+            image_embeds = model.get_image_features(pixel_values=pixel_values).pooler_output
+            text_embeds = model.get_text_features(**text).pooler_output
+            out.append(torch.nn.functional.cosine_similarity(image_embeds, text_embeds).item())
+    return np.array(out)
+
+
+def pair_dataset(folder, files, captions, ids=None):
+    return datasets.Dataset.from_dict(
+        {
+            "id": ids if ids is not None else [f"r{i}" for i in range(len(files))],
+            "images": [[str(Path(folder) / f)] for f in files],
+            "caption": captions,
+        }
+    )
+
+
+def scores_of(dataset):
+    return dataset.with_format("arrow")["clip_score"].to_numpy()
+
+
+@pytest.fixture
+def count_image_calls(monkeypatch):
+    """Counts rows that reach CLIPModel.get_image_features; `fail_at=k` raises on the k-th call (a crash)."""
+    calls = []
+    control = {"fail_at": None}
+    original = CLIPModel.get_image_features
+
+    def counting(self, pixel_values, **kwargs):
+        calls.append(int(pixel_values.shape[0]))
+        if control["fail_at"] is not None and len(calls) == control["fail_at"]:
+            raise RuntimeError("simulated crash")
+        return original(self, pixel_values=pixel_values, **kwargs)
+
+    monkeypatch.setattr(CLIPModel, "get_image_features", counting)
+    return calls, control
+
+
+def test_scores_equal_independent_cosine(clip_tiny_dir, clip_tiny, clip_pairs, tmp_path):
+    folder, files, captions = clip_pairs(37)
+    ds = pair_dataset(folder, files, captions)
+    out, report = score_pairs(
+        ds, clip_tiny_dir, batch_size=8, num_workers=2, shard_size=16, cache_dir=tmp_path / "cache",
+        device="cpu", return_report=True,
+    )
+    assert len(report) == 0
+    assert out.column_names == ["id", "images", "caption", "clip_score"]
+    assert out["id"] == ds["id"]
+    expected = reference_scores(clip_tiny, [folder / f for f in files], captions)
+    np.testing.assert_allclose(scores_of(out), expected, rtol=0, atol=1e-5)
+    assert np.std(expected) > 1e-3  # the pairs really differ
+
+    # every image layout gives the same scores: path string + image_folder, datasets.Image feature, the full
+    # image processor in the workers instead of normalisation on the device
+    as_paths = datasets.Dataset.from_dict({"image": files, "caption": captions})
+    out_paths = score_pairs(
+        as_paths, clip_tiny_dir, image_column="image", id_column=None, image_folder=folder, batch_size=16,
+        num_workers=0, cache_dir=tmp_path / "cache2", device="cpu", progress=False,
+    )
+    np.testing.assert_allclose(scores_of(out_paths), expected, rtol=0, atol=1e-5)
+    as_images = datasets.Dataset.from_dict(
+        {"image": [str(folder / f) for f in files], "caption": captions}
+    ).cast_column("image", datasets.Image())
+    out_images = score_pairs(
+        as_images, clip_tiny_dir, image_column="image", batch_size=16, num_workers=1,
+        cache_dir=tmp_path / "cache3", device="cpu", normalize_on_device=False, progress=False,
+    )
+    np.testing.assert_allclose(scores_of(out_images), expected, rtol=0, atol=1e-5)
+
+
+def test_images_are_decoded_in_worker_processes(clip_tiny_dir, clip_pairs, tmp_path, monkeypatch):
+    folder, files, captions = clip_pairs(12)
+    pid_dir = tmp_path / "pids"
+    pid_dir.mkdir()
+    original = Image.open
+
+    def recording_open(*args, **kwargs):
+        (pid_dir / str(os.getpid())).touch()
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", recording_open)
+    score_pairs(
+        pair_dataset(folder, files, captions), clip_tiny_dir, batch_size=4, num_workers=2, device="cpu",
+        cache_dir=tmp_path / "cache", progress=False,
+    )
+    pids = {int(p.name) for p in pid_dir.iterdir()}
+    assert pids and os.getpid() not in pids
+
+
+def test_resume_scores_only_what_was_missing(clip_tiny_dir, clip_tiny, clip_pairs, tmp_path, count_image_calls):
+    calls, control = count_image_calls
+    folder, files, captions = clip_pairs(48)
+    ds = pair_dataset(folder, files, captions)
+    cache = tmp_path / "cache"
+    kwargs = dict(batch_size=8, shard_size=16, num_workers=1, cache_dir=cache, device="cpu", progress=False)
+
+    # crash in the 4th forward pass: shard 0 (2 batches) is done, shard 1 is half done
+    control["fail_at"] = 4
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        score_pairs(ds, clip_tiny_dir, **kwargs)
+    assert sum(calls) == 32
+    assert len(list(cache.glob("*.arrow"))) == 1
+    assert not [p for p in cache.iterdir() if p.suffix != ".arrow"]  # no half-written file left behind
+
+    # the rerun scores shards 1 and 2 only
+    control["fail_at"] = None
+    calls.clear()
+    out = score_pairs(ds, clip_tiny_dir, **kwargs)
+    assert sum(calls) == 48 - 16 and len(calls) == 4
+    expected = reference_scores(clip_tiny, [folder / f for f in files], captions)
+    np.testing.assert_allclose(scores_of(out), expected, rtol=0, atol=1e-5)
+
+    # a third run scores nothing, also with extra columns
+    calls.clear()
+    again = score_pairs(ds.add_column("other", list(range(48))), clip_tiny_dir, **kwargs)
+    assert calls == []
+    np.testing.assert_array_equal(scores_of(again), scores_of(out))
+    # appending rows only scores the new shard
+    extra_files, extra_captions = [files[0]] * 5, [f"new caption {i}" for i in range(5)]
+    grown = pair_dataset(folder, files + extra_files, captions + extra_captions)
+    calls.clear()
+    score_pairs(grown, clip_tiny_dir, **kwargs)
+    assert sum(calls) == 5
+
+
+def write_bad_data(folder, files, captions):
+    """Corrupt a copy of the pairs: 1 missing file, 1 undecodable file, 1 empty caption, 1 duplicate id, 1 row
+    without image. Returns the dataset, the bad ids with their reason kinds, and the good rows."""
+    (Path(folder) / "imgs" / "broken.jpg").write_bytes(b"this is not a JPEG at all" * 10)
+    n = len(files)
+    ids = [f"r{i}" for i in range(n)]
+    images = [[str(Path(folder) / f)] for f in files]
+    caps = list(captions)
+    images[2] = [str(Path(folder) / "imgs" / "missing.jpg")]
+    images[5] = [str(Path(folder) / "imgs" / "broken.jpg")]
+    caps[7] = "   "
+    ids[9] = ids[3]
+    images[11] = []
+    ds = datasets.Dataset.from_dict({"id": ids, "images": images, "caption": caps})
+    bad = {2: "image file not found", 5: "undecodable image", 7: "empty caption", 9: "duplicate id", 11: "no image"}
+    good = [i for i in range(n) if i not in bad]
+    return ds, bad, good
+
+
+def test_bad_rows_skipped_and_reported(clip_tiny_dir, clip_tiny, clip_pairs, tmp_path, count_image_calls):
+    calls, _ = count_image_calls
+    folder, files, captions = clip_pairs(20)
+    ds, bad, good = write_bad_data(folder, files, captions)
+    out, report = score_pairs(
+        ds, clip_tiny_dir, batch_size=4, shard_size=8, num_workers=1, cache_dir=tmp_path / "c", device="cpu",
+        on_bad="skip", return_report=True, progress=False,
+    )
+    assert sum(calls) == len(good)  # bad rows never reach the model
+    assert report.rows == sorted(bad)
+    assert report.ids == [ds["id"][i] for i in sorted(bad)]
+    assert [r.split(":")[0] for r in report.reasons] == [bad[i] for i in sorted(bad)]
+    assert report.counts() == {kind: 1 for kind in bad.values()}
+    assert "5 bad rows" in report.summary() and "r3" in report.summary()
+    # the run went through: every good row is there, scored like the independent computation
+    assert out["id"] == [ds["id"][i] for i in good]
+    expected = reference_scores(clip_tiny, [folder / files[i] for i in good], [captions[i] for i in good])
+    np.testing.assert_allclose(scores_of(out), expected, rtol=0, atol=1e-5)
+    report.save(tmp_path / "bad.json")
+    assert json.loads((tmp_path / "bad.json").read_text())["count"] == 5
+
+
+def test_bad_rows_error_before_scoring(clip_tiny_dir, clip_pairs, tmp_path, count_image_calls):
+    calls, _ = count_image_calls
+    folder, files, captions = clip_pairs(20)
+    ds, bad, _ = write_bad_data(folder, files, captions)
+    with pytest.raises(BadRowsError) as info:
+        score_pairs(ds, clip_tiny_dir, num_workers=0, cache_dir=tmp_path / "c", device="cpu", on_bad="error")
+    # everything visible without decoding is reported before any work: all but the undecodable file
+    assert info.value.report.rows == sorted(set(bad) - {5})
+    assert "before scoring" in str(info.value)
+    assert calls == []
+
+
+def test_undecodable_image_error_after_scoring_then_fixed(
+    clip_tiny_dir, clip_tiny, clip_pairs, tmp_path, count_image_calls
+):
+    calls, _ = count_image_calls
+    folder, files, captions = clip_pairs(20)
+    broken = folder / files[13]
+    good_bytes = broken.read_bytes()
+    broken.write_bytes(good_bytes[: len(good_bytes) // 3])  # truncated JPEG
+    ds = pair_dataset(folder, files, captions)
+    kwargs = dict(batch_size=4, shard_size=8, num_workers=1, cache_dir=tmp_path / "c", device="cpu", progress=False)
+    with pytest.raises(BadRowsError) as info:
+        score_pairs(ds, clip_tiny_dir, on_bad="error", **kwargs)
+    assert info.value.report.rows == [13] and info.value.report.ids == ["r13"]
+    assert info.value.report.reasons[0].startswith("undecodable image")
+    assert sum(calls) == 19  # all other pairs were scored ...
+    assert len(list((tmp_path / "c").glob("*.arrow"))) == 3  # ... and cached
+
+    broken.write_bytes(good_bytes)  # the user fixes the file: the rerun scores that image only
+    calls.clear()
+    out = score_pairs(ds, clip_tiny_dir, on_bad="error", **kwargs)
+    assert calls == [1]
+    expected = reference_scores(clip_tiny, [folder / f for f in files], captions)
+    np.testing.assert_allclose(scores_of(out), expected, rtol=0, atol=1e-5)
+
+
+def test_siglip_checkpoint(tmp_path, clip_pairs, clip_tokenizer):
+    from transformers import AutoTokenizer, SiglipConfig, SiglipImageProcessorPil, SiglipModel
+
+    tokenizer = clip_tokenizer
+    config = SiglipConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=16, pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+    )
+    torch.manual_seed(1)
+    model = SiglipModel(config).eval()
+    processor = SiglipImageProcessorPil(size={"height": 32, "width": 32})
+    for part in (model, tokenizer, processor):
+        part.save_pretrained(tmp_path / "siglip")
+    folder, files, captions = clip_pairs(10)
+    out = score_pairs(
+        pair_dataset(folder, files, captions), tmp_path / "siglip", num_workers=0, device="cpu",
+        cache_dir=tmp_path / "c", progress=False,
+    )
+    loaded = AutoTokenizer.from_pretrained(tmp_path / "siglip")
+    expected = []
+    with torch.no_grad():
+        for f, caption in zip(files, captions):
+            pixel_values = processor(images=Image.open(folder / f), return_tensors="pt")["pixel_values"]
+            text = loaded(caption, padding="max_length", max_length=16, return_tensors="pt")
+            a = model.get_image_features(pixel_values=pixel_values).pooler_output
+            b = model.get_text_features(**text).pooler_output
+            expected.append(torch.nn.functional.cosine_similarity(a, b).item())
+    np.testing.assert_allclose(scores_of(out), expected, rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def write_llava_file(path, files, captions, extra=()):
+    records = [
+        {
+            "id": f"{i:06d}",
+            "image": f,
+            "conversations": [
+                {"from": "human", "value": "Give a brief description of the image.\n<image>"},
+                {"from": "gpt", "value": c},
+            ],
+        }
+        for i, (f, c) in enumerate(zip(files, captions))
+    ]
+    records.extend(extra)
+    Path(path).write_text(json.dumps(records))
+    return records
+
+
+def test_cli_levels_end_to_end(clip_tiny_dir, clip_tiny, clip_pairs, tmp_path, capsys):
+    folder, files, captions = clip_pairs(24)
+    missing = {"id": "gone", "image": "imgs/nope.jpg",
+               "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "x"}]}
+    records = write_llava_file(tmp_path / "pretrain.json", files, captions, extra=[missing])
+    out_file = tmp_path / "levels.json"
+    status = main([
+        "--data", str(tmp_path / "pretrain.json"), "--image-folder", str(folder), "--clip", str(clip_tiny_dir),
+        "--num-levels", "4", "--output", str(out_file), "--batch-size", "8", "--num-workers", "1",
+        "--device", "cpu", "--cache-dir", str(tmp_path / "cache"), "--bad-rows-report", str(tmp_path / "bad.json"),
+        "--include-clip-score", "--no-progress",
+    ])
+    assert status == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["records"] == 24 and summary["skipped"] == 1 and summary["skipped_ids"] == ["gone"]
+    assert summary["level_sizes"] == [6, 6, 6, 6]
+
+    written = json.loads(out_file.read_text())
+    expected_scores = reference_scores(clip_tiny, [folder / f for f in files], captions)
+    expected_levels = brute_force_levels(expected_scores, 4)
+    assert [r["similarity"] for r in written] == expected_levels.tolist()
+    # the original's records come back unchanged apart from the new fields
+    for original, new in zip(records, written):
+        assert {k: v for k, v in new.items() if k not in ("similarity", "clip_score")} == original
+    np.testing.assert_allclose([r["clip_score"] for r in written], expected_scores, atol=1e-5)
+    # the written file reads back with its levels
+    assert load_llava_json(out_file, folder)["alignment_level"] == expected_levels.tolist()
+    assert json.loads((tmp_path / "bad.json").read_text())["rows"][0]["id"] == "gone"
+
+    # --on-bad error: exit status 1, nothing written
+    status = main([
+        "--data", str(tmp_path / "pretrain.json"), "--image-folder", str(folder), "--clip", str(clip_tiny_dir),
+        "--output", str(tmp_path / "never.json"), "--device", "cpu", "--num-workers", "0",
+        "--cache-dir", str(tmp_path / "cache"), "--on-bad", "error", "--no-progress",
+    ])
+    assert status == 1 and not (tmp_path / "never.json").exists()
+    assert "gone" in capsys.readouterr().err
+
+
+def test_levels_subparser_registers_on_a_cli():
+    parser = argparse.ArgumentParser(prog="aligngpt")
+    add_levels_subparser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["levels", "--data", "d.json", "--output", "o.json", "--num-levels", "5"])
+    assert args.command == "levels" and args.num_levels == 5 and args.clip == "openai/clip-vit-large-patch14-336"
+    assert args.func.__name__ == "run_levels" and args.on_bad == "skip"
