@@ -56,6 +56,10 @@ class AlignGPTConfig(PreTrainedConfig):
         vision_feature_select_strategy (`str`, defaults to `"default"`): `default` drops the CLS token, `full`
             keeps every token.
         multimodal_projector_bias (`bool`, defaults to `True`): bias in the projector's linear layers.
+        suppress_placeholder_logits (`bool`, defaults to `False`): give the `<image>` and `<align>` columns of the
+            logits the lowest value, so that the softmax (loss, generation) covers the real vocabulary only. Set by
+            the converter of original checkpoints, whose LM head has no such rows: their losses are then reproduced
+            exactly (otherwise the two new rows add a little probability mass).
     """
 
     model_type = "aligngpt"
@@ -91,6 +95,7 @@ class AlignGPTConfig(PreTrainedConfig):
     vision_feature_layer: int | list[int] = -2
     vision_feature_select_strategy: Literal["default", "full"] = "default"
     multimodal_projector_bias: bool = True
+    suppress_placeholder_logits: bool = False
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
