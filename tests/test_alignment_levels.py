@@ -22,7 +22,6 @@ from transformers_aligngpt.alignment_levels import (
 )
 from transformers_aligngpt.data import load_llava_json
 
-
 # ---------------------------------------------------------------------------------------------------------------
 # assign_levels
 # ---------------------------------------------------------------------------------------------------------------
@@ -139,8 +138,14 @@ def test_scores_equal_independent_cosine(clip_tiny_dir, clip_tiny, clip_pairs, t
     folder, files, captions = clip_pairs(37)
     ds = pair_dataset(folder, files, captions)
     out, report = score_pairs(
-        ds, clip_tiny_dir, batch_size=8, num_workers=2, shard_size=16, cache_dir=tmp_path / "cache",
-        device="cpu", return_report=True,
+        ds,
+        clip_tiny_dir,
+        batch_size=8,
+        num_workers=2,
+        shard_size=16,
+        cache_dir=tmp_path / "cache",
+        device="cpu",
+        return_report=True,
     )
     assert len(report) == 0
     assert out.column_names == ["id", "images", "caption", "clip_score"]
@@ -153,16 +158,31 @@ def test_scores_equal_independent_cosine(clip_tiny_dir, clip_tiny, clip_pairs, t
     # image processor in the workers instead of normalisation on the device
     as_paths = datasets.Dataset.from_dict({"image": files, "caption": captions})
     out_paths = score_pairs(
-        as_paths, clip_tiny_dir, image_column="image", id_column=None, image_folder=folder, batch_size=16,
-        num_workers=0, cache_dir=tmp_path / "cache2", device="cpu", progress=False,
+        as_paths,
+        clip_tiny_dir,
+        image_column="image",
+        id_column=None,
+        image_folder=folder,
+        batch_size=16,
+        num_workers=0,
+        cache_dir=tmp_path / "cache2",
+        device="cpu",
+        progress=False,
     )
     np.testing.assert_allclose(scores_of(out_paths), expected, rtol=0, atol=1e-5)
     as_images = datasets.Dataset.from_dict(
         {"image": [str(folder / f) for f in files], "caption": captions}
     ).cast_column("image", datasets.Image())
     out_images = score_pairs(
-        as_images, clip_tiny_dir, image_column="image", batch_size=16, num_workers=1,
-        cache_dir=tmp_path / "cache3", device="cpu", normalize_on_device=False, progress=False,
+        as_images,
+        clip_tiny_dir,
+        image_column="image",
+        batch_size=16,
+        num_workers=1,
+        cache_dir=tmp_path / "cache3",
+        device="cpu",
+        normalize_on_device=False,
+        progress=False,
     )
     np.testing.assert_allclose(scores_of(out_images), expected, rtol=0, atol=1e-5)
 
@@ -179,8 +199,13 @@ def test_images_are_decoded_in_worker_processes(clip_tiny_dir, clip_pairs, tmp_p
 
     monkeypatch.setattr(Image, "open", recording_open)
     score_pairs(
-        pair_dataset(folder, files, captions), clip_tiny_dir, batch_size=4, num_workers=2, device="cpu",
-        cache_dir=tmp_path / "cache", progress=False,
+        pair_dataset(folder, files, captions),
+        clip_tiny_dir,
+        batch_size=4,
+        num_workers=2,
+        device="cpu",
+        cache_dir=tmp_path / "cache",
+        progress=False,
     )
     pids = {int(p.name) for p in pid_dir.iterdir()}
     assert pids and os.getpid() not in pids
@@ -246,8 +271,16 @@ def test_bad_rows_skipped_and_reported(clip_tiny_dir, clip_tiny, clip_pairs, tmp
     folder, files, captions = clip_pairs(20)
     ds, bad, good = write_bad_data(folder, files, captions)
     out, report = score_pairs(
-        ds, clip_tiny_dir, batch_size=4, shard_size=8, num_workers=1, cache_dir=tmp_path / "c", device="cpu",
-        on_bad="skip", return_report=True, progress=False,
+        ds,
+        clip_tiny_dir,
+        batch_size=4,
+        shard_size=8,
+        num_workers=1,
+        cache_dir=tmp_path / "c",
+        device="cpu",
+        on_bad="skip",
+        return_report=True,
+        progress=False,
     )
     assert sum(calls) == len(good)  # bad rows never reach the model
     assert report.rows == sorted(bad)
@@ -305,10 +338,23 @@ def test_siglip_checkpoint(tmp_path, clip_pairs, clip_tokenizer):
 
     tokenizer = clip_tokenizer
     config = SiglipConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=16, pad_token_id=tokenizer.pad_token_id),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8),
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
     )
     torch.manual_seed(1)
     model = SiglipModel(config).eval()
@@ -317,8 +363,12 @@ def test_siglip_checkpoint(tmp_path, clip_pairs, clip_tokenizer):
         part.save_pretrained(tmp_path / "siglip")
     folder, files, captions = clip_pairs(10)
     out = score_pairs(
-        pair_dataset(folder, files, captions), tmp_path / "siglip", num_workers=0, device="cpu",
-        cache_dir=tmp_path / "c", progress=False,
+        pair_dataset(folder, files, captions),
+        tmp_path / "siglip",
+        num_workers=0,
+        device="cpu",
+        cache_dir=tmp_path / "c",
+        progress=False,
     )
     loaded = AutoTokenizer.from_pretrained(tmp_path / "siglip")
     expected = []
@@ -356,16 +406,39 @@ def write_llava_file(path, files, captions, extra=()):
 
 def test_cli_levels_end_to_end(clip_tiny_dir, clip_tiny, clip_pairs, tmp_path, capsys):
     folder, files, captions = clip_pairs(24)
-    missing = {"id": "gone", "image": "imgs/nope.jpg",
-               "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "x"}]}
+    missing = {
+        "id": "gone",
+        "image": "imgs/nope.jpg",
+        "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "x"}],
+    }
     records = write_llava_file(tmp_path / "pretrain.json", files, captions, extra=[missing])
     out_file = tmp_path / "levels.json"
-    status = main([
-        "--data", str(tmp_path / "pretrain.json"), "--image-folder", str(folder), "--clip", str(clip_tiny_dir),
-        "--num-levels", "4", "--output", str(out_file), "--batch-size", "8", "--num-workers", "1",
-        "--device", "cpu", "--cache-dir", str(tmp_path / "cache"), "--bad-rows-report", str(tmp_path / "bad.json"),
-        "--include-clip-score", "--no-progress",
-    ])
+    status = main(
+        [
+            "--data",
+            str(tmp_path / "pretrain.json"),
+            "--image-folder",
+            str(folder),
+            "--clip",
+            str(clip_tiny_dir),
+            "--num-levels",
+            "4",
+            "--output",
+            str(out_file),
+            "--batch-size",
+            "8",
+            "--num-workers",
+            "1",
+            "--device",
+            "cpu",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--bad-rows-report",
+            str(tmp_path / "bad.json"),
+            "--include-clip-score",
+            "--no-progress",
+        ]
+    )
     assert status == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["records"] == 24 and summary["skipped"] == 1 and summary["skipped_ids"] == ["gone"]
@@ -384,11 +457,27 @@ def test_cli_levels_end_to_end(clip_tiny_dir, clip_tiny, clip_pairs, tmp_path, c
     assert json.loads((tmp_path / "bad.json").read_text())["rows"][0]["id"] == "gone"
 
     # --on-bad error: exit status 1, nothing written
-    status = main([
-        "--data", str(tmp_path / "pretrain.json"), "--image-folder", str(folder), "--clip", str(clip_tiny_dir),
-        "--output", str(tmp_path / "never.json"), "--device", "cpu", "--num-workers", "0",
-        "--cache-dir", str(tmp_path / "cache"), "--on-bad", "error", "--no-progress",
-    ])
+    status = main(
+        [
+            "--data",
+            str(tmp_path / "pretrain.json"),
+            "--image-folder",
+            str(folder),
+            "--clip",
+            str(clip_tiny_dir),
+            "--output",
+            str(tmp_path / "never.json"),
+            "--device",
+            "cpu",
+            "--num-workers",
+            "0",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--on-bad",
+            "error",
+            "--no-progress",
+        ]
+    )
     assert status == 1 and not (tmp_path / "never.json").exists()
     assert "gone" in capsys.readouterr().err
 
@@ -399,3 +488,50 @@ def test_levels_subparser_registers_on_a_cli():
     args = parser.parse_args(["levels", "--data", "d.json", "--output", "o.json", "--num-levels", "5"])
     assert args.command == "levels" and args.num_levels == 5 and args.clip == "openai/clip-vit-large-patch14-336"
     assert args.func.__name__ == "run_levels" and args.on_bad == "skip"
+
+
+@pytest.mark.slow
+def test_two_processes_split_the_shards(clip_tiny_dir, clip_tiny, clip_pairs, tmp_path):
+    """Under torchrun each process scores its share of the shards; every process sees all results."""
+    import subprocess
+    import sys
+
+    folder, files, captions = clip_pairs(20)
+    write_llava_file(tmp_path / "data.json", files, captions)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "transformers_aligngpt.alignment_levels",
+        "--data",
+        str(tmp_path / "data.json"),
+        "--image-folder",
+        str(folder),
+        "--clip",
+        str(clip_tiny_dir),
+        "--output",
+        str(tmp_path / "out.json"),
+        "--num-workers",
+        "0",
+        "--shard-size",
+        "4",
+        "--batch-size",
+        "4",
+        "--num-levels",
+        "4",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--include-clip-score",
+        "--no-progress",
+    ]
+    done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "5 to score on 2 process(es); 12 rows here" in done.stderr  # process 0: 3 of the 5 shards
+    assert done.stdout.count('"records": 20') == 1  # written once, by the main process
+    written = json.loads((tmp_path / "out.json").read_text())
+    expected = reference_scores(clip_tiny, [folder / f for f in files], captions)
+    np.testing.assert_allclose([r["clip_score"] for r in written], expected, atol=1e-5)
+    assert [r["similarity"] for r in written] == brute_force_levels(expected, 4).tolist()

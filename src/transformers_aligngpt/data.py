@@ -34,8 +34,8 @@ __all__ = [
     "IMAGE_PLACEHOLDER",
     "LLAVA_FEATURES",
     "llava_conversations_to_messages",
-    "messages_to_llava_conversations",
     "load_llava_json",
+    "messages_to_llava_conversations",
     "write_llava_json",
 ]
 
@@ -83,8 +83,7 @@ def _value_to_content(value: str) -> list[dict[str, Any]]:
     for i, piece in enumerate(pieces):
         if i > 0:
             content.append({"type": "image", "text": None})
-            if piece.startswith("\n"):
-                piece = piece[1:]
+            piece = piece.removeprefix("\n")
         if i < last and piece.endswith("\n"):
             piece = piece[:-1]
         if piece or last == 0:
