@@ -274,7 +274,7 @@ def measure_decode(dataset, model, image_processor, tokenizer, args, device, dty
         batch_size=None,
         num_workers=args.num_workers,
         collate_fn=_identity,
-        prefetch_factor=4 if args.num_workers else None,
+        prefetch_factor=args.prefetch_factor if args.num_workers else None,
     )
     start = time.perf_counter()
     rows = sum(len(b["indices"]) for b in loader)
@@ -288,6 +288,7 @@ def main(argv=None):
     parser.add_argument("--num-pairs", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=None, help="default 256 on cuda, 32 on cpu")
     parser.add_argument("--num-workers", type=int, default=None, help="default: CPUs - 1")
+    parser.add_argument("--prefetch-factor", type=int, default=2, help="batches each worker prepares ahead")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--shard-size", type=int, default=8192)
     parser.add_argument("--min-side", type=int, default=300, help="generated JPEG sides, pixels")
@@ -344,6 +345,7 @@ def main(argv=None):
             image_column="image",
             batch_size=args.batch_size,
             num_workers=args.num_workers,
+            prefetch_factor=args.prefetch_factor,
             device=device,
             dtype=dtype,
             shard_size=args.shard_size,
@@ -399,6 +401,7 @@ def main(argv=None):
             "dtype": str(dtype).replace("torch.", ""),
             "batch_size": args.batch_size,
             "num_workers": args.num_workers,
+            "prefetch_factor": args.prefetch_factor,
             "shard_size": args.shard_size,
             "jpeg_draft": args.jpeg_draft,
             "normalize_on_device": args.normalize_on_device,
@@ -407,6 +410,7 @@ def main(argv=None):
             "jpeg_mean_kb": round(mean_bytes / 1024, 1),
             "page_cache_dropped": dropped,
             "cpus": cpus,
+            "dev_shm_gb": round(shutil.disk_usage("/dev/shm").total / 2**30, 1) if os.path.isdir("/dev/shm") else None,
             "score_mean": round(float(scores.mean()), 6),
             "setup_s": {
                 "generate_jpegs": round(generate_s, 2),

@@ -330,7 +330,8 @@ def _weights_digest(model: torch.nn.Module) -> str:
         h.update(name.encode())
         h.update(str(tensor.dtype).encode())
         flat = tensor.detach().reshape(-1).contiguous()
-        h.update(flat.view(torch.uint8).cpu().numpy().tobytes() if flat.numel() else b"")
+        if flat.numel():
+            h.update(flat.view(torch.uint8).cpu().numpy())
     return h.hexdigest()
 
 
@@ -588,7 +589,7 @@ def score_pairs(
     score_column: str = "clip_score",
     batch_size: int = 128,
     num_workers: int | None = None,
-    prefetch_factor: int = 4,
+    prefetch_factor: int = 2,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype = "auto",
     shard_size: int = 8192,
@@ -616,6 +617,7 @@ def score_pairs(
         image_folder: folder that relative image paths are relative to.
         batch_size: pairs per forward pass. num_workers: DataLoader worker processes that decode and preprocess
             (default: the CPUs of this process's share of the machine, minus one); 0 decodes in this process.
+        prefetch_factor: batches each worker prepares ahead (they wait in shared memory, /dev/shm).
         device, dtype: default: accelerate's device for this process; bf16 (fp16 without bf16) on GPU, fp32 on CPU.
         shard_size: rows per cache file; an interrupted run loses at most the shards in flight.
         cache_dir: where the shard files live (default: `<HF datasets cache>/aligngpt_clip_scores`);
