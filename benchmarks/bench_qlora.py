@@ -1,0 +1,415 @@
+"""QLoRA instruction tuning at the real 7B shapes: AlignGPT next to transformers' LLaVA, in the same run.
+
+Both models are Vicuna-7B + CLIP ViT-L/14-336 shapes built from configs with random weights (nothing is downloaded),
+directly on the GPU in bf16, then their LLM linear layers are replaced by bitsandbytes NF4 `Linear4bit` (double
+quantisation, bf16 compute) one by one, so fp32 7B weights never exist and no checkpoint is written. Training is TRL's
+`SFTTrainer` (fused chunked LM-head loss), PEFT LoRA r=64 on the LLM projections (projector, and AlignGPT's gate, in
+`modules_to_save`), activation checkpointing, paged 8-bit AdamW, batch 1, sequence 2048 (576 image tokens).
+
+Recipes (how the non-quantised rest of the model is prepared):
+- `kbit`: the usual PEFT recipe, `prepare_model_for_kbit_training`, which upcasts every non-quantised module (the
+  frozen vision tower, embeddings, `lm_head`, norms) to fp32;
+- `lean`: what `transformers_aligngpt.training` does: nothing is upcast, the frozen vision tower stays in bf16.
+
+Rows (`--runs`, default `llava:kbit,aligngpt:lean,llava:lean`): each prints one JSON line with the peak allocated /
+reserved GiB over the training steps (`torch.cuda.max_memory_*`; bitsandbytes' paged optimizer states live in CUDA
+managed memory outside PyTorch's allocator), tokens/s over the measured steps (after `--warmup` steps), and sizes.
+
+    python benchmarks/bench_qlora.py                      # GPU: the 7B comparison (about 2-3 minutes on an H100)
+    python benchmarks/bench_qlora.py --quick              # CPU smoke run on tiny shapes (< 1 minute)
+    python benchmarks/bench_qlora.py --plan               # CPU: weight / adapter / optimizer sizes of the 7B shapes
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+from torch import nn
+
+ALIGNGPT_SKIP = ("model.vision_tower", "model.multi_modal_projector", "model.alignment_embeddings",
+                 "model.alignment_gate", "lm_head")
+LLAVA_SKIP = ("model.vision_tower", "model.multi_modal_projector", "lm_head")
+LORA_TARGETS = r"model\.language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+VOCAB = 32064  # llava-hf/llava-1.5-7b-hf; both models get the same vocabulary
+IMAGE_TOKEN_ID, ALIGN_TOKEN_ID = 32000, 32001
+QUICK_VOCAB, QUICK_IMAGE_TOKEN_ID, QUICK_ALIGN_TOKEN_ID = 512, 500, 501
+
+
+def token_ids(quick: bool) -> tuple[int, int, int]:
+    """(vocabulary size, `<image>` id, `<align>` id)."""
+    return (QUICK_VOCAB, QUICK_IMAGE_TOKEN_ID, QUICK_ALIGN_TOKEN_ID) if quick else (VOCAB, IMAGE_TOKEN_ID, ALIGN_TOKEN_ID)
+
+
+# ------------------------------------------------------------------------------------------------------------ configs
+def text_config(quick: bool):
+    from transformers import LlamaConfig
+
+    if quick:
+        return LlamaConfig(vocab_size=QUICK_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096)
+    # lmsys/vicuna-7b-v1.5
+    return LlamaConfig(vocab_size=VOCAB, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                       rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
+
+
+def vision_config(quick: bool):
+    from transformers import CLIPVisionConfig
+
+    if quick:
+        return CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                image_size=56, patch_size=14, projection_dim=32)
+    # openai/clip-vit-large-patch14-336
+    return CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                            image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
+
+
+def build_config(kind: str, quick: bool):
+    if kind == "llava":
+        from transformers import LlavaConfig
+
+        grid = vision_config(quick).image_size // vision_config(quick).patch_size
+        return LlavaConfig(vision_config=vision_config(quick), text_config=text_config(quick),
+                           image_token_id=token_ids(quick)[1], projector_hidden_act="gelu", vision_feature_layer=-2,
+                           vision_feature_select_strategy="default", image_seq_length=grid * grid)
+    from transformers_aligngpt import AlignGPTConfig
+
+    return AlignGPTConfig(vision_config=vision_config(quick), text_config=text_config(quick),
+                          image_token_id=token_ids(quick)[1], alignment_token_id=token_ids(quick)[2],
+                          gate_text_scope="prompt")
+
+
+def model_class(kind: str):
+    if kind == "llava":
+        from transformers import LlavaForConditionalGeneration
+
+        return LlavaForConditionalGeneration
+    from transformers_aligngpt import AlignGPTForConditionalGeneration
+
+    return AlignGPTForConditionalGeneration
+
+
+def num_image_tokens(config) -> int:
+    vc = config.vision_config
+    return (vc.image_size // vc.patch_size) ** 2
+
+
+# ------------------------------------------------------------------------------------------------------ quantisation
+def _skipped(name: str, skip) -> bool:
+    return any(name == s or name.startswith(s + ".") for s in skip)
+
+
+@torch.no_grad()
+def quantize_linear_layers_(model: nn.Module, skip, compute_dtype=torch.bfloat16) -> int:
+    """Replaces every `nn.Linear` outside `skip` by an NF4 `Linear4bit` (double quantisation), in place, layer by
+    layer (the bf16 weight is freed as soon as its 4-bit copy exists). Returns the number of layers replaced."""
+    import bitsandbytes as bnb
+
+    replaced = 0
+    for parent_name, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            full = f"{parent_name}.{name}" if parent_name else name
+            if type(child) is not nn.Linear or _skipped(full, skip):
+                continue
+            device = child.weight.device
+            layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
+                                      device="meta")
+            layer.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, compress_statistics=True,
+                                             quant_type="nf4", module=layer).to(device)
+            if child.bias is not None:
+                layer.bias = nn.Parameter(child.bias.data, requires_grad=False)
+            setattr(parent, name, layer)
+            replaced += 1
+    # what `from_pretrained(quantization_config=...)` records, read by PEFT, TRL and Trainer
+    model.is_loaded_in_4bit = True
+    model.quantization_method = "bitsandbytes"
+    return replaced
+
+
+def build_quantized(kind: str, quick: bool, device: torch.device):
+    config = build_config(kind, quick)
+    cls = model_class(kind)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = cls._from_config(config, dtype=torch.bfloat16)
+    replaced = quantize_linear_layers_(model, LLAVA_SKIP if kind == "llava" else ALIGNGPT_SKIP)
+    return model, replaced
+
+
+# -------------------------------------------------------------------------------------------------------------- data
+class SyntheticConversations:
+    """Batches of one 2048-token conversation: [bos, (<align>), text, 576 image tokens, text]; the second half of the
+    text after the image is supervised (the answers); AlignGPT also gets its prompt-only `gate_text_mask`."""
+
+    def __init__(self, kind: str, config, seq_len: int, quick: bool, seed: int = 0):
+        self.kind, self.seq_len = kind, seq_len
+        self.vocab, self.image_token_id, self.align_token_id = token_ids(quick)
+        self.num_image_tokens = num_image_tokens(config)
+        self.image_size = config.vision_config.image_size
+        self.generator = torch.Generator().manual_seed(seed)
+        if seq_len < self.num_image_tokens + 64:
+            raise ValueError(f"--seq-len must leave room for the {self.num_image_tokens} image tokens and text")
+
+    def __call__(self, examples):
+        rows = []
+        for _ in examples:
+            text = torch.randint(3, self.image_token_id, (self.seq_len,), generator=self.generator)
+            prefix = [1] + ([self.align_token_id] if self.kind == "aligngpt" else [])
+            start = len(prefix) + 34
+            ids = torch.cat([torch.tensor(prefix), text[: start - len(prefix)],
+                             torch.full((self.num_image_tokens,), self.image_token_id),
+                             text[start + self.num_image_tokens:]])[: self.seq_len]
+            labels = torch.full_like(ids, -100)
+            after = start + self.num_image_tokens
+            answers = after + (self.seq_len - after) // 2
+            labels[answers:] = ids[answers:]
+            rows.append((ids, labels))
+        input_ids = torch.stack([r[0] for r in rows])
+        labels = torch.stack([r[1] for r in rows])
+        batch = {
+            "input_ids": input_ids,
+            "attention_mask": torch.ones_like(input_ids),
+            "labels": labels,
+            "pixel_values": torch.randn(len(rows), 3, self.image_size, self.image_size, generator=self.generator),
+        }
+        if self.kind == "aligngpt":
+            batch["gate_text_mask"] = labels == -100
+        return batch
+
+
+# -------------------------------------------------------------------------------------------------------- measuring
+class StepTimer:
+    """A `TrainerCallback` timing the optimizer steps after the warmup ones (with a device synchronise)."""
+
+    def __init__(self, warmup: int, device: torch.device):
+        from transformers import TrainerCallback
+
+        outer = self
+
+        class _Callback(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                outer._sync()
+                if outer.device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+
+            def on_step_begin(self, args, state, control, **kwargs):
+                if state.global_step == outer.warmup:
+                    outer._sync()
+                    outer.start = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                outer._sync()
+                outer.end = time.perf_counter()
+                outer.steps = state.global_step - outer.warmup
+
+        self.warmup, self.device = warmup, device
+        self.start = self.end = None
+        self.steps = 0
+        self.callback = _Callback()
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+def gib(n_bytes: float) -> float:
+    return round(n_bytes / 2**30, 3)
+
+
+def run(kind: str, recipe: str, args, device: torch.device) -> dict:
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from transformers_aligngpt.tiny import build_tiny_tokenizer
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    model, replaced = build_quantized(kind, args.quick, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    build_s = time.perf_counter() - t0
+    if recipe == "kbit":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    else:  # lean: frozen modules keep their bf16 weights, the vision tower never keeps activations
+        model.requires_grad_(False)
+    weights_bytes = torch.cuda.memory_allocated() if device.type == "cuda" else None
+
+    modules_to_save = ["multi_modal_projector"] + (["alignment_gate"] if kind == "aligngpt" else [])
+    lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                      target_modules=LORA_TARGETS, modules_to_save=modules_to_save, task_type="CAUSAL_LM",
+                      bias="none")
+    collator = SyntheticConversations(kind, model.config, args.seq_len, args.quick)
+    from datasets import Dataset
+
+    steps = args.warmup + args.steps
+    dataset = Dataset.from_dict({"input_ids": [[0]] * steps, "labels": [[0]] * steps})
+    optim = args.optim or ("paged_adamw_8bit" if device.type == "cuda" else "adamw_torch")
+    config = SFTConfig(
+        output_dir=os.path.join(args.output_dir, f"{kind}-{recipe}"),
+        max_steps=steps,
+        per_device_train_batch_size=1,
+        learning_rate=2e-4,
+        optim=optim,
+        bf16=True,
+        use_cpu=device.type != "cuda",
+        gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        max_length=None,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        dataset_kwargs={"skip_prepare_dataset": True},
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        seed=0,
+        disable_tqdm=True,
+    )
+    timer = StepTimer(args.warmup, device)
+    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, data_collator=collator,
+                         processing_class=build_tiny_tokenizer(), peft_config=lora, callbacks=[timer.callback])
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    trainable_bytes = sum(p.numel() * p.element_size() for p in trainer.model.parameters() if p.requires_grad)
+    fp32_frozen = sum(p.numel() for p in trainer.model.parameters() if not p.requires_grad and p.dtype == torch.float32)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    elapsed = (timer.end - timer.start) if timer.start is not None else float("nan")
+    row = {
+        "model": kind,
+        "recipe": recipe,
+        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or "cpu",
+        "quick": args.quick,
+        "seq_len": args.seq_len,
+        "batch_size": 1,
+        "lora_r": args.lora_r,
+        "optim": optim,
+        "measured_steps": timer.steps,
+        "tokens_per_s": round(args.seq_len * timer.steps / elapsed, 1) if timer.steps else None,
+        "s_per_step": round(elapsed / timer.steps, 4) if timer.steps else None,
+        "peak_allocated_gib": gib(torch.cuda.max_memory_allocated()) if device.type == "cuda" else None,
+        "peak_reserved_gib": gib(torch.cuda.max_memory_reserved()) if device.type == "cuda" else None,
+        "weights_allocated_gib": gib(weights_bytes) if weights_bytes is not None else None,
+        "trainable_params": trainable,
+        "trainable_gib": gib(trainable_bytes),
+        "frozen_fp32_params": fp32_frozen,
+        "linear4bit_layers": replaced,
+        "build_s": round(build_s, 1),
+        "losses": [round(x, 4) for x in losses],
+        "versions": versions(),
+    }
+    del trainer, model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def versions() -> dict:
+    import bitsandbytes
+    import peft
+    import transformers
+    import trl
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
+            "peft": peft.__version__, "bitsandbytes": bitsandbytes.__version__}
+
+
+# --------------------------------------------------------------------------------------------------------- the plan
+def plan(args) -> list[dict]:
+    """Sizes of the 7B shapes under each recipe, from the configs on the `meta` device (no memory used)."""
+    rows = []
+    for kind in ("llava", "aligngpt"):
+        config = build_config(kind, quick=False)
+        with torch.device("meta"):
+            model = model_class(kind)._from_config(config, dtype=torch.bfloat16)
+        skip = LLAVA_SKIP if kind == "llava" else ALIGNGPT_SKIP
+        quantized = other = lora = saved = 0
+        import re
+
+        for name, module in model.named_modules():
+            if type(module) is nn.Linear and not _skipped(name, skip):
+                n = module.weight.numel()
+                quantized += n
+                if re.fullmatch(LORA_TARGETS, name):
+                    lora += args.lora_r * (module.in_features + module.out_features)
+        quantized_names = {f"{n}.weight" for n, m in model.named_modules() if type(m) is nn.Linear and not _skipped(n, skip)}
+        for name, p in model.named_parameters():
+            if name not in quantized_names:
+                other += p.numel()
+            if name.startswith(("model.multi_modal_projector", "model.alignment_gate")):
+                saved += p.numel()
+        vision = sum(p.numel() for n, p in model.named_parameters() if n.startswith("model.vision_tower"))
+        nf4 = quantized / 2 + quantized / 64 + quantized / 64 / 256 * 4  # 4-bit codes + uint8 absmax + fp32 2nd level
+        for recipe in ("kbit", "lean"):
+            other_bytes = other * (4 if recipe == "kbit" else 2)
+            trainable = lora + saved
+            rows.append({
+                "plan": True, "model": kind, "recipe": recipe,
+                "nf4_params": quantized, "nf4_gib": gib(nf4),
+                "unquantized_params": other, "unquantized_gib": gib(other_bytes),
+                "vision_tower_params": vision,
+                "lora_params": lora, "modules_to_save_params": saved,
+                # TRL casts the trainable parameters of a quantised model to bf16; grads have the same dtype
+                "trainable_plus_grads_gib": gib(trainable * 2 * 2),
+                "paged_adamw_8bit_states_gib": gib(trainable * 2),
+                "weights_and_adapter_gib": gib(nf4 + other_bytes + saved * 2 + trainable * 4),
+            })
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", default="llava:kbit,aligngpt:lean,llava:lean",
+                        help="comma-separated model:recipe pairs (models: llava, aligngpt; recipes: kbit, lean)")
+    parser.add_argument("--steps", type=int, default=5, help="measured steps")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--lora-r", type=int, default=64)
+    parser.add_argument("--lora-alpha", type=int, default=16)
+    parser.add_argument("--lora-dropout", type=float, default=0.05)
+    parser.add_argument("--optim", default=None, help="default: paged_adamw_8bit on GPU, adamw_torch on CPU")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes on the CPU (smoke test, < 1 minute)")
+    parser.add_argument("--plan", action="store_true", help="print the 7B size plan (meta device) and exit")
+    parser.add_argument("--output-dir", default="/tmp/bench_qlora")
+    args = parser.parse_args(argv)
+
+    if args.plan:
+        rows = plan(args)
+        for row in rows:
+            print(json.dumps(row), flush=True)
+        return rows
+    if args.quick:
+        args.seq_len = min(args.seq_len, 96)
+        args.steps, args.warmup = min(args.steps, 2), min(args.warmup, 1)
+        args.lora_r = min(args.lora_r, 8)
+        device = torch.device("cpu")
+    else:
+        if not torch.cuda.is_available():
+            parser.error("the 7B benchmark needs a CUDA GPU; use --quick for a CPU smoke run or --plan for the sizes")
+        device = torch.device("cuda")
+    rows = []
+    for item in args.runs.split(","):
+        kind, _, recipe = item.strip().partition(":")
+        if kind not in ("llava", "aligngpt") or recipe not in ("kbit", "lean"):
+            parser.error(f"bad --runs item {item!r}")
+        row = run(kind, recipe, args, device)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
