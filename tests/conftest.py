@@ -216,3 +216,66 @@ def converted_original_dir(original_fixture_dir, tmp_path_factory):
         "--dtype", "float32",
     ])
     return output
+
+
+# --- training fixtures ---
+TRAINING_COLOURS = {"red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 220), "yellow": (240, 200, 20)}
+
+
+def _training_image(index):
+    """A solid-colour image with a white square whose place depends on the row (different sizes, not square)."""
+    name = list(TRAINING_COLOURS)[index % 4]
+    image = Image.new("RGB", (20 + 2 * (index % 3), 14 + index % 5), TRAINING_COLOURS[name])
+    image.paste((255, 255, 255), (index % 6, index % 4, index % 6 + 5, index % 4 + 5))
+    return name, image
+
+
+@pytest.fixture(scope="session")
+def pretraining_dataset():
+    """8 plain-format image-caption pairs, one alignment level (0..7) each."""
+    from datasets import Dataset, Features, List, Value
+    from datasets import Image as ImageFeature
+
+    rows = {"images": [], "caption": [], "alignment_level": []}
+    for i in range(8):
+        name, image = _training_image(i)
+        rows["images"].append([image])
+        rows["caption"].append(f"a {name} square" + (" on the left" if i % 2 else ""))
+        rows["alignment_level"].append(i)
+    features = Features({"images": List(ImageFeature()), "caption": Value("string"), "alignment_level": Value("int32")})
+    return Dataset.from_dict(rows, features=features)
+
+
+@pytest.fixture(scope="session")
+def instruction_dataset():
+    """8 single-turn chats in `messages` + `images`: 6 about an image, 2 text-only, mixed."""
+    from datasets import Dataset, Features, List, Value
+    from datasets import Image as ImageFeature
+
+    def message(role, text, image=False):
+        return {"role": role, "content": ([{"type": "image", "text": None}] if image else []) + [{"type": "text", "text": text}]}
+
+    rows = {"images": [], "messages": []}
+    for i in range(8):
+        if i in (2, 5):
+            rows["images"].append([])
+            rows["messages"].append([message("user", f"What is {i} plus 3?"), message("assistant", str(i + 3))])
+            continue
+        name, image = _training_image(i)
+        rows["images"].append([image])
+        rows["messages"].append([message("user", "What colour is the shape?", image=True), message("assistant", name)])
+    features = Features({
+        "images": List(ImageFeature()),
+        "messages": List({"role": Value("string"), "content": List({"type": Value("string"), "text": Value("string")})}),
+    })
+    return Dataset.from_dict(rows, features=features)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, config, processor):
+    """A saved random tiny AlignGPT (code + auto_map) with its processor."""
+    path = tmp_path_factory.mktemp("tiny-aligngpt")
+    torch.manual_seed(0)
+    AlignGPTForConditionalGeneration(config).save_pretrained(path)
+    processor.save_pretrained(path)
+    return path

@@ -1,0 +1,553 @@
+"""Training: phase 1 (Trainer), phase 2 (TRL SFTTrainer, full / LoRA / QLoRA), checkpoints, multi-process, TRL CLI.
+
+Tiny random models (hidden 64, 2 layers) and a few solid-colour images; every run takes a few steps on the CPU.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from conftest import chat
+from transformers_aligngpt import AlignGPTForConditionalGeneration
+from transformers_aligngpt.collators import AlignGPTInstructionCollator, AlignGPTPretrainingCollator
+from transformers_aligngpt.training import (
+    PRETRAINING_ARTIFACT_NAME,
+    AlignGPTPretrainer,
+    AlignGPTPretrainingArguments,
+    aligngpt_lora_config,
+    build_aligngpt_from_pretrained,
+    is_quantized_module,
+    load_for_qlora,
+    load_pretraining_artifact,
+    load_qlora_adapter,
+    make_sft_trainer,
+    merge_qlora_adapter,
+    qlora_bnb_config,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE_DIR = ROOT.parent / "shared" / "fixtures" / "aligngpt-original-tiny"
+
+
+def new_model(config, seed=0):
+    torch.manual_seed(seed)
+    return AlignGPTForConditionalGeneration(config)
+
+
+def snapshot(model):
+    return {name: value.detach().clone() for name, value in model.state_dict().items()}
+
+
+def changed(before, model, prefix=""):
+    return sorted(
+        name for name, value in model.state_dict().items()
+        if name.startswith(prefix) and name in before and not torch.equal(before[name], value)
+    )
+
+
+def pretraining_args(tmp_path, **overrides):
+    kwargs = dict(
+        output_dir=str(tmp_path),
+        max_steps=6,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        warmup_steps=0,
+        logging_steps=1,
+        save_steps=3,
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+    )
+    kwargs.update(overrides)
+    return AlignGPTPretrainingArguments(**kwargs)
+
+
+def sft_args(tmp_path, **overrides):
+    from trl import SFTConfig
+
+    kwargs = dict(
+        output_dir=str(tmp_path),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=5e-3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        assistant_only_loss=True,
+        max_length=None,
+        gradient_checkpointing=False,
+        seed=0,
+        disable_tqdm=True,
+    )
+    kwargs.update(overrides)
+    return SFTConfig(**kwargs)
+
+
+def losses(trainer):
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def subprocess_env(tmp_path):
+    env = dict(os.environ)
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1",
+        HF_MODULES_CACHE=str(tmp_path / "hf_modules"),
+        WANDB_DISABLED="true",
+        PYTHONPATH=str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", ""),
+    )
+    return env
+
+
+# ------------------------------------------------------------------------------------------------------ phase 1
+
+
+def test_pretraining_collator_supervises_the_caption_only(processor, pretraining_dataset):
+    collator = AlignGPTPretrainingCollator(processor, num_alignment_levels=8)
+    rows = [pretraining_dataset[i] for i in (0, 3)]
+    batch = collator(rows)
+    assert batch["alignment_levels"].tolist() == [0, 3]
+    assert batch["pixel_values"].shape == (2, 3, 16, 16)
+    tok = processor.tokenizer
+    for row, ids, labels, mask in zip(rows, batch["input_ids"], batch["labels"], batch["attention_mask"]):
+        ids = ids[mask.bool()].tolist()
+        assert ids[:2] == [tok.bos_token_id, processor.alignment_token_id]
+        assert ids[2 : 2 + 16] == [processor.image_token_id] * 16
+        supervised = [t for t in labels.tolist() if t != -100]
+        assert supervised == ids[18:]  # everything after the image, nothing before
+        assert tok.decode(supervised).strip() == row["caption"]
+    # pre-training resizes without padding to square (LLaVA / AlignGPT)
+    padded = AlignGPTPretrainingCollator(processor, pad_to_square=True)(rows)
+    assert not torch.allclose(padded["pixel_values"], batch["pixel_values"])
+
+
+def test_pretraining_collator_rejects_bad_rows(processor, pretraining_dataset):
+    collator = AlignGPTPretrainingCollator(processor, num_alignment_levels=8)
+    row = dict(pretraining_dataset[0])
+    with pytest.raises(ValueError, match="alignment_level"):
+        collator([{k: v for k, v in row.items() if k != "alignment_level"}])
+    with pytest.raises(ValueError, match=r"outside 0\.\.7"):
+        collator([{**row, "alignment_level": 8}])
+    with pytest.raises(ValueError, match="exactly one image"):
+        collator([{**row, "images": row["images"] * 2}])
+    with pytest.raises(ValueError, match="cut the image tokens"):
+        AlignGPTPretrainingCollator(processor, max_length=10)
+
+
+def test_phase1_trains_only_projector_and_alignment_embeddings(config, processor, pretraining_dataset, tmp_path):
+    model = new_model(config)
+    before = snapshot(model)
+    trainer = AlignGPTPretrainer(
+        model, pretraining_args(tmp_path, max_steps=8), train_dataset=pretraining_dataset, processing_class=processor
+    )
+    trainer.train()
+    assert changed(before, model) == [
+        "model.alignment_embeddings.weight",
+        "model.multi_modal_projector.linear_1.bias",
+        "model.multi_modal_projector.linear_1.weight",
+        "model.multi_modal_projector.linear_2.bias",
+        "model.multi_modal_projector.linear_2.weight",
+    ]
+    # only the levels present in the data moved... and all 8 are present here
+    assert not torch.equal(before["model.alignment_embeddings.weight"][7], model.model.alignment_embeddings.weight[7])
+    history = losses(trainer)
+    assert sum(history[-2:]) < sum(history[:2]), history
+
+    # the phase-1 artefact sits next to every checkpoint and the final model
+    trainer.save_model(str(tmp_path / "final"))
+    for folder in (tmp_path / "checkpoint-3", tmp_path / "checkpoint-6", tmp_path / "final"):
+        assert (folder / PRETRAINING_ARTIFACT_NAME).exists() and (folder / "model.safetensors").exists()
+    from safetensors.torch import load_file
+
+    artefact = load_file(str(tmp_path / "final" / PRETRAINING_ARTIFACT_NAME))
+    assert sorted(artefact) == changed(before, model)
+    fresh = new_model(config, seed=1)
+    loaded = load_pretraining_artifact(fresh, tmp_path / "final")
+    assert loaded == sorted(artefact)
+    for name, value in artefact.items():
+        assert torch.equal(fresh.state_dict()[name], value)
+
+
+def test_phase1_rejects_bad_data_before_training(config, processor, pretraining_dataset, tmp_path):
+    args = pretraining_args(tmp_path)
+    with pytest.raises(ValueError, match="no 'alignment_level' column"):
+        AlignGPTPretrainer(
+            new_model(config), args, train_dataset=pretraining_dataset.remove_columns("alignment_level"),
+            processing_class=processor,
+        )
+    out_of_range = pretraining_dataset.map(lambda row, i: {"alignment_level": 9 if i == 5 else row["alignment_level"]},
+                                           with_indices=True)
+    with pytest.raises(ValueError, match=r"0\.\.7.*row 5 has 9"):
+        AlignGPTPretrainer(new_model(config), args, train_dataset=out_of_range, processing_class=processor)
+    with pytest.raises(ValueError, match="cut the image tokens"):
+        AlignGPTPretrainer(
+            new_model(config), pretraining_args(tmp_path, max_length=12), train_dataset=pretraining_dataset,
+            processing_class=processor,
+        )
+
+
+def test_original_phase1_artefact_loads(config):
+    original = FIXTURE_DIR / "pretrain" / "mm_projector_align.bin"
+    if not original.exists():
+        pytest.skip("the original-format fixture is not available")
+    state = torch.load(original, weights_only=True)
+    model = new_model(config)
+    load_pretraining_artifact(model, original)
+    base = model.model
+    assert torch.equal(base.alignment_embeddings.weight, state["align_indicators.indicator_embs"])
+    assert torch.equal(base.multi_modal_projector.linear_1.weight, state["mm_projector.0.weight"])
+    assert torch.equal(base.multi_modal_projector.linear_2.bias, state["mm_projector.2.bias"])
+
+
+class StopAt(TrainerCallback):
+    """Interrupts training after `step` (after that step's checkpoint is written)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+        return control
+
+
+def test_interrupted_and_resumed_run_ends_with_the_same_weights(config, processor, pretraining_dataset, tmp_path):
+    def trainer(folder, callbacks=()):
+        args = pretraining_args(tmp_path / folder, max_steps=6, save_steps=3, per_device_train_batch_size=2)
+        return AlignGPTPretrainer(
+            new_model(config), args, train_dataset=pretraining_dataset, processing_class=processor,
+            callbacks=list(callbacks),
+        )
+
+    uninterrupted = trainer("full")
+    uninterrupted.train()
+
+    interrupted = trainer("resumed", [StopAt(3)])
+    interrupted.train()
+    assert interrupted.state.global_step == 3
+    checkpoint = tmp_path / "resumed" / "checkpoint-3"
+    assert checkpoint.exists()
+
+    resumed = trainer("resumed")  # a fresh process would build the model from scratch, as here
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 6
+    expected, actual = uninterrupted.model.state_dict(), resumed.model.state_dict()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=1e-6, msg=name)
+    assert not torch.equal(
+        expected["model.alignment_embeddings.weight"], interrupted.model.state_dict()["model.alignment_embeddings.weight"]
+    )
+
+
+def test_two_process_cpu_run_through_accelerate_launch(tmp_path):
+    output = tmp_path / "ddp"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(ROOT / "examples" / "accelerate_configs" / "cpu_2proc.yaml"),
+        str(ROOT / "examples" / "pretrain.py"),
+        "--output-dir", str(output), "--max-steps", "2", "--num-rows", "8", "--per-device-train-batch-size", "2",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=subprocess_env(tmp_path))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads([line for line in result.stdout.splitlines() if line.startswith('{"world_size"')][-1])
+    assert summary == {"world_size": 2, "global_step": 2}
+    assert (output / PRETRAINING_ARTIFACT_NAME).exists() and (output / "model.safetensors").exists()
+
+
+# ------------------------------------------------------------------------------------------------------ phase 2
+
+
+def test_instruction_collator_labels_bos_and_gate_mask(processor, instruction_dataset):
+    rows = [instruction_dataset[i] for i in range(4)]  # rows 0, 1, 3 have an image, row 2 is text-only
+    prompt = AlignGPTInstructionCollator(processor, assistant_only_loss=True, gate_text_scope="prompt")(
+        [dict(r) for r in rows]
+    )
+    tok = processor.tokenizer
+    assert prompt["pixel_values"].shape[0] == 3
+    for row, ids, labels, mask in zip(rows, prompt["input_ids"], prompt["labels"], prompt["attention_mask"]):
+        ids = ids[mask.bool()].tolist()
+        has_image = bool(row["images"])
+        assert ids[0] == tok.bos_token_id  # as at inference, although TRL tokenises without special tokens
+        assert (ids[1] == processor.alignment_token_id) == has_image
+        assert ids.count(processor.image_token_id) == (16 if has_image else 0)
+        supervised = [t for t in labels.tolist() if t != -100]
+        assert tok.decode(supervised).replace(" ", "") == row["messages"][1]["content"][0]["text"] + "</s>"
+    assert torch.equal(prompt["gate_text_mask"], prompt["labels"] == -100)
+
+    # the whole conversation supervised (not what make_sft_trainer allows, but the collator still never
+    # supervises placeholders) and the original's gate input: no gate mask
+    conversation = AlignGPTInstructionCollator(processor, gate_text_scope="conversation")([dict(r) for r in rows])
+    placeholders = (conversation["input_ids"] == processor.image_token_id) | (
+        conversation["input_ids"] == processor.alignment_token_id
+    )
+    assert placeholders.any() and (conversation["labels"][placeholders] == -100).all()
+    assert "gate_text_mask" not in conversation
+    with pytest.raises(ValueError, match="assistant_only_loss"):
+        AlignGPTInstructionCollator(processor, gate_text_scope="prompt")
+
+
+def test_prompt_gate_scope_sees_at_training_what_it_sees_at_inference(model, processor, instruction_dataset):
+    row = dict(instruction_dataset[0])
+    image = row["images"][0]
+    prompt = processor.apply_chat_template(chat("What colour is the shape?"), add_generation_prompt=True)
+    inference_inputs = processor(images=[image], text=[prompt], return_tensors="pt")
+    with torch.no_grad():
+        at_inference = model.model(**inference_inputs).alignment_weights
+        weights = {}
+        for scope in ("prompt", "conversation"):
+            collator = AlignGPTInstructionCollator(processor, assistant_only_loss=True, gate_text_scope=scope)
+            batch = collator([dict(row)])
+            batch.pop("labels")
+            weights[scope] = model.model(**batch).alignment_weights
+    torch.testing.assert_close(weights["prompt"], at_inference, rtol=1e-5, atol=1e-6)
+    assert (weights["conversation"] - at_inference).abs().max() > 1e-4
+
+
+def test_phase2_full_freezes_alignment_embeddings_trains_gate_and_lowers_loss(
+    config, processor, instruction_dataset, tmp_path
+):
+    model = new_model(config)
+    before = snapshot(model)
+    trainer = make_sft_trainer(
+        model, processor, train_dataset=instruction_dataset, args=sft_args(tmp_path, max_steps=10)
+    )
+    trainer.train()
+    moved = changed(before, model)
+    assert not any(name.startswith("model.alignment_embeddings") for name in moved)
+    assert not any(name.startswith("model.vision_tower") for name in moved)
+    for prefix in ("model.alignment_gate.", "model.multi_modal_projector.", "model.language_model.", "lm_head."):
+        assert any(name.startswith(prefix) for name in moved), prefix
+    history = losses(trainer)
+    assert sum(history[-3:]) / 3 < 0.8 * sum(history[:3]) / 3, history
+
+
+def test_phase2_lora_trains_gate_projector_and_adapter_only(config, processor, instruction_dataset, tmp_path):
+    model = new_model(config)
+    before = snapshot(model)
+    trainer = make_sft_trainer(
+        model, processor, train_dataset=instruction_dataset, args=sft_args(tmp_path, max_steps=3),
+        peft_config=aligngpt_lora_config(r=4, alpha=8, dropout=0.0), gate_text_scope="conversation",
+    )
+    trainer.train()
+    trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert any("lora_A" in n and "language_model" in n for n in trainable)
+    assert not any("vision_tower" in n or "alignment_embeddings" in n for n in trainable)
+    state = trainer.model.state_dict()
+    gate = [n for n in state if "alignment_gate.modules_to_save" in n and n.endswith("fc1.weight")][0]
+    assert not torch.equal(state[gate], before["model.alignment_gate.fc1.weight"])
+    embeddings = [n for n in state if n.endswith("alignment_embeddings.weight")][0]
+    assert torch.equal(state[embeddings], before["model.alignment_embeddings.weight"])
+    assert model.config.gate_text_scope == "conversation"
+
+
+def test_phase2_rejects_unworkable_options_before_training(config, processor, instruction_dataset, tmp_path):
+    with pytest.raises(ValueError, match="packing"):
+        make_sft_trainer(new_model(config), processor, instruction_dataset,
+                         args=sft_args(tmp_path, packing=True, max_length=512))
+    with pytest.raises(ValueError, match="assistant's answers only"):
+        make_sft_trainer(new_model(config), processor, instruction_dataset,
+                         args=sft_args(tmp_path, assistant_only_loss=False))
+    # the image rows need 16 image tokens after a ~45-token prompt prefix
+    with pytest.raises(ValueError, match=r"max_length=40 would cut image tokens in 6 rows \(row 0 needs \d+"):
+        make_sft_trainer(new_model(config), processor, instruction_dataset, args=sft_args(tmp_path, max_length=40))
+    trainer = make_sft_trainer(new_model(config), processor, instruction_dataset,
+                               args=sft_args(tmp_path, max_length=80, max_steps=1))
+    assert trainer.data_collator.max_length == 80
+
+
+def test_quantised_module_in_modules_to_save_is_refused(tiny_checkpoint, processor, instruction_dataset, tmp_path):
+    from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
+
+    # TRL's --load_in_4bit config: only lm_head (and the model's own keep-list) stay unquantised
+    model = AutoModelForImageTextToText.from_pretrained(
+        tiny_checkpoint, dtype=torch.bfloat16,
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16),
+    )
+    assert is_quantized_module(model.model.vision_tower)
+    assert not is_quantized_module(model.model.alignment_gate)  # never quantised, so trainable in modules_to_save
+    lora = aligngpt_lora_config(r=4, modules_to_save=["alignment_gate", "vision_tower"])
+    with pytest.raises(ValueError, match="'model.vision_tower' is quantised"):
+        make_sft_trainer(model, processor, instruction_dataset, args=sft_args(tmp_path, bf16=True), peft_config=lora)
+
+
+def test_qlora_on_cpu_saves_reloads_and_merges_with_equal_outputs(
+    tiny_checkpoint, processor, instruction_dataset, tmp_path
+):
+    from peft import PeftModel
+
+    model = load_for_qlora(tiny_checkpoint)
+    quantised = {n for n, m in model.named_modules() if type(m).__name__ == "Linear4bit"}
+    assert quantised and all(n.startswith("model.language_model.layers.") for n in quantised)
+    for name in ("vision_tower", "multi_modal_projector", "alignment_gate", "alignment_embeddings"):
+        assert not is_quantized_module(getattr(model.model, name))
+        assert all(p.dtype == torch.bfloat16 for p in getattr(model.model, name).parameters())  # nothing upcast
+    assert not is_quantized_module(model.lm_head)
+    embeddings_before = model.model.alignment_embeddings.weight.detach().clone()
+    gate_before = model.model.alignment_gate.fc2.weight.detach().clone()
+
+    trainer = make_sft_trainer(
+        model, processor, instruction_dataset,
+        args=sft_args(tmp_path / "run", bf16=True, max_steps=3, learning_rate=1e-2),
+        peft_config=aligngpt_lora_config(r=8, alpha=16, dropout=0.0),
+    )
+    trainer.train()
+    peft_model = trainer.model
+    assert torch.equal(peft_model.base_model.model.model.alignment_embeddings.weight, embeddings_before)
+    gate = peft_model.base_model.model.model.alignment_gate.modules_to_save["default"]
+    assert not torch.equal(gate.fc2.weight.to(gate_before.dtype), gate_before)
+    adapter = tmp_path / "adapter"
+    trainer.save_model(str(adapter))
+    assert (adapter / "adapter_model.safetensors").exists()
+
+    collator = AlignGPTInstructionCollator(processor, assistant_only_loss=True, gate_text_scope="prompt")
+    batch = collator([dict(instruction_dataset[i]) for i in range(4)])
+    batch.pop("labels")
+
+    def logits(m):
+        m.eval()
+        with torch.no_grad():
+            return m(**batch).logits.float()
+
+    trained = logits(peft_model)
+    reloaded = load_qlora_adapter(tiny_checkpoint, adapter)
+    assert isinstance(reloaded, PeftModel)
+    torch.testing.assert_close(logits(reloaded), trained, rtol=0, atol=0)
+    merged = merge_qlora_adapter(tiny_checkpoint, adapter)
+    assert not any(type(m).__name__ == "Linear4bit" for m in merged.modules())
+    merged_logits = logits(merged)
+    # bf16 weights: the merge rounds W + BA once, the adapter adds BA x at run time (differences ~ bf16 epsilon)
+    torch.testing.assert_close(merged_logits, trained, rtol=0.01, atol=0.01)
+    top2 = trained.topk(2, dim=-1).values
+    clear = (top2[..., 0] - top2[..., 1]) > 0.02
+    assert torch.equal(merged_logits.argmax(-1)[clear], trained.argmax(-1)[clear])
+
+
+# ------------------------------------------------------------------------------------------------- Hub / TRL CLI
+
+
+def write_parquet_dataset(dataset, folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    dataset.to_parquet(str(folder / "train.parquet"))
+    return folder
+
+
+def test_sft_trainer_loads_our_checkpoint_from_a_path(tiny_checkpoint, instruction_dataset, tmp_path):
+    from trl import SFTTrainer
+
+    import transformers_aligngpt  # noqa: F401  (the package is installed: the Auto classes know AlignGPT)
+
+    trainer = SFTTrainer(model=str(tiny_checkpoint), args=sft_args(tmp_path, max_steps=1),
+                         train_dataset=instruction_dataset)
+    assert type(trainer.model).__name__ == "AlignGPTForConditionalGeneration"
+    trainer.train()
+    assert trainer.state.global_step == 1
+
+
+@pytest.mark.parametrize("quantised", [False, True], ids=["full", "qlora"])
+def test_trl_sft_cli_on_a_saved_checkpoint(tiny_checkpoint, instruction_dataset, tmp_path, quantised):
+    data = write_parquet_dataset(instruction_dataset, tmp_path / "data")
+    trl = Path(sys.executable).with_name("trl")
+    command = [
+        str(trl), "sft", "--model_name_or_path", str(tiny_checkpoint), "--trust_remote_code",
+        "--dataset_name", str(data), "--output_dir", str(tmp_path / "out"), "--max_steps", "2",
+        "--per_device_train_batch_size", "2", "--assistant_only_loss", "--report_to", "none", "--use_cpu",
+        "--logging_steps", "1", "--save_strategy", "no",
+    ]
+    if quantised:
+        command += [
+            "--use_peft", "--load_in_4bit", "--dtype", "bfloat16", "--lora_r", "4",
+            "--lora_target_modules", r"model\.language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
+            "--lora_modules_to_save", "multi_modal_projector", "alignment_gate",
+        ]
+    # the checkpoint's own code (auto_map) is what runs: not this package
+    env = subprocess_env(tmp_path)
+    env["PYTHONPATH"] = ""
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "'loss'" in result.stdout + result.stderr
+    saved = tmp_path / "out" / ("adapter_model.safetensors" if quantised else "model.safetensors")
+    assert saved.exists()
+
+
+# ------------------------------------------------------------------------------------------------------ helpers
+
+
+def test_build_from_a_pretrained_llm_and_vision_tower(tokenizer, tmp_path):
+    from transformers import AutoTokenizer, CLIPVisionModel, LlamaForCausalLM
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    from transformers_aligngpt.tiny import build_tiny_tokenizer, tiny_text_config, tiny_vision_config
+
+    # a "Vicuna" without the placeholder tokens and a "CLIP" with its preprocessor config, saved locally
+    llm_dir, clip_dir = tmp_path / "llm", tmp_path / "clip"
+    plain_tokenizer = build_tiny_tokenizer()
+    plain_tokenizer.save_pretrained(llm_dir)
+    torch.manual_seed(0)
+    llm = LlamaForCausalLM(tiny_text_config(len(plain_tokenizer)))
+    llm.save_pretrained(llm_dir)
+    clip = CLIPVisionModel(tiny_vision_config())
+    clip.save_pretrained(clip_dir)
+    LlavaImageProcessorPil(image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.3, 0.4]).save_pretrained(clip_dir)
+
+    model, processor = build_aligngpt_from_pretrained(llm_dir, clip_dir, num_alignment_levels=6, dtype=torch.float32)
+    assert AutoTokenizer.from_pretrained(llm_dir).convert_tokens_to_ids("<image>") == processor.image_token_id
+    assert model.config.num_alignment_levels == 6 and model.model.alignment_embeddings.weight.shape == (6, 64)
+    assert torch.equal(model.model.language_model.layers[0].mlp.up_proj.weight, llm.model.layers[0].mlp.up_proj.weight)
+    assert torch.equal(model.lm_head.weight, llm.lm_head.weight)
+    tower = model.model.vision_tower.state_dict()
+    assert tower.keys() == clip.state_dict().keys()
+    assert all(torch.equal(tower[name], value) for name, value in clip.state_dict().items())
+    assert list(processor.image_processor.image_mean) == [0.4, 0.5, 0.6]
+    inputs = processor(images=[[torch.zeros(3, 20, 30).numpy().transpose(1, 2, 0).astype("uint8")]],
+                       text=["<image>a red square\n"], return_tensors="pt")
+    out = model(**inputs, labels=inputs["input_ids"], alignment_levels=torch.tensor([5]))
+    assert torch.isfinite(out.loss)
+
+
+def test_qlora_bnb_config_keeps_the_small_modules_out(config):
+    bnb = qlora_bnb_config()
+    assert bnb.load_in_4bit and bnb.bnb_4bit_quant_type == "nf4" and bnb.bnb_4bit_use_double_quant
+    assert bnb.bnb_4bit_compute_dtype == torch.bfloat16
+    assert set(bnb.llm_int8_skip_modules) == {
+        "model.vision_tower", "model.multi_modal_projector", "model.alignment_embeddings", "model.alignment_gate",
+        "lm_head",
+    }
+
+
+def test_examples_run_offline(tmp_path):
+    import runpy
+
+    sft = runpy.run_path(str(ROOT / "examples" / "sft.py"))
+    common = ["--max-steps", "2", "--num-rows", "8", "--per-device-train-batch-size", "4", "--lora-r", "4"]
+    trainer = sft["main"](["--output-dir", str(tmp_path / "full"), *common])
+    assert trainer.state.global_step == 2 and (tmp_path / "full" / "model.safetensors").exists()
+    trainer = sft["main"](["--output-dir", str(tmp_path / "qlora"), "--use-peft", "--load-in-4bit", "--merge", *common])
+    assert trainer.state.global_step == 2
+    assert (tmp_path / "qlora" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "qlora" / "merged" / "model.safetensors").exists()
+
+
+def test_benchmark_quick_smoke_run():
+    import runpy
+
+    bench = runpy.run_path(str(ROOT / "benchmarks" / "bench_qlora.py"))
+    rows = bench["main"](["--quick", "--runs", "llava:kbit,aligngpt:lean"])
+    assert [(r["model"], r["recipe"]) for r in rows] == [("llava", "kbit"), ("aligngpt", "lean")]
+    assert all(r["measured_steps"] == 2 and r["tokens_per_s"] > 0 for r in rows)
+    # the kbit recipe upcasts the frozen modules to fp32, the lean one keeps them in bf16
+    assert rows[0]["frozen_fp32_params"] > 0 and rows[1]["frozen_fp32_params"] == 0
+    plan = {(r["model"], r["recipe"]): r for r in bench["plan"](bench["argparse"].Namespace(lora_r=64))}
+    assert plan[("aligngpt", "lean")]["nf4_params"] == plan[("llava", "lean")]["nf4_params"] == 6_476_005_376
+    assert plan[("aligngpt", "lean")]["weights_and_adapter_gib"] < plan[("llava", "kbit")]["weights_and_adapter_gib"] - 1
