@@ -184,16 +184,22 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
 
     def check_placeholders(self, image_mask, align_mask, num_images, num_patches, alignment_levels):
         """Placeholder counts against the images, and the alignment levels' range."""
-        torch_compilable_check(
-            image_mask.sum() == num_images * num_patches,
-            "The number of <image> placeholder tokens does not match the images: "
-            f"{num_images} images need {num_images} x {num_patches} <image> tokens. Build inputs with "
-            "AlignGPTProcessor (one <image> per image in the text) and make sure truncation does not cut them.",
-        )
-        torch_compilable_check(
-            (align_mask.sum(-1) <= (image_mask.sum(-1) > 0).long()).all(),
-            "Each row may hold at most one <align> token, and only rows with an image may hold one.",
-        )
+        image_tokens = image_mask.sum(-1)
+        count_ok = image_tokens.sum() == num_images * num_patches
+        align_ok = (align_mask.sum(-1) <= (image_tokens > 0)).all()
+
+        def message():  # read only when a check failed
+            if not count_ok:
+                return (
+                    "The number of <image> placeholder tokens does not match the images: "
+                    f"{num_images} images need {num_images} x {num_patches} <image> tokens. Build inputs with "
+                    "AlignGPTProcessor (one <image> per image in the text) and make sure truncation does not cut "
+                    "them."
+                )
+            return "Each row may hold at most one <align> token, and only rows with an image may hold one."
+
+        # both conditions in one tensor: one host sync in eager mode instead of two
+        torch_compilable_check(count_ok & align_ok, message)
         if alignment_levels is not None:
             levels = self.config.num_alignment_levels
             torch_compilable_check(
@@ -240,14 +246,17 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
 
         # adaptive / local: the gate reads d = <image feature j, mean text embedding of the row>.
         # Text = attended tokens after <align> (so bos and left padding are out) that are not placeholders.
-        after_align = (align_mask.cumsum(-1) > 0) & ~align_mask
-        text_mask = after_align & ~image_mask
+        # (Each line is one or two small kernels: in eager mode on a GPU every op costs a launch, so they are few.)
+        after_align = align_mask.cumsum(-1) > align_mask  # 0 > 0 before <align>, 1 > 1 at it, 1 > 0 after it
+        text_mask = after_align > image_mask  # after <align> and not an image placeholder
         if attention_mask is not None and attention_mask.dim() == 2:
             text_mask = text_mask & attention_mask.bool()
         if gate_text_mask is not None:
             text_mask = text_mask & gate_text_mask.bool()
-        weights = text_mask.unsqueeze(-1).to(inputs_embeds.dtype)
-        text_mean = (inputs_embeds * weights).sum(1) / weights.sum(1).clamp(min=1)  # (batch, hidden)
+        weights = text_mask.to(inputs_embeds.dtype)
+        # the masked mean as one batched matmul, without a (batch, seq, hidden) temporary
+        text_sum = torch.bmm(weights.unsqueeze(1), inputs_embeds).squeeze(1)
+        text_mean = text_sum / weights.sum(-1, keepdim=True).clamp(min=1)  # (batch, hidden)
 
         # Which row each image belongs to, without a Python loop: images are laid out in placeholder order,
         # P placeholders each, so the running count of images per row locates them (static shapes).
@@ -256,17 +265,19 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         row_of_image = torch.searchsorted(
             images_per_row.cumsum(0), torch.arange(num_images, device=images_per_row.device), right=True
         ).clamp(max=batch_size - 1)
-        affinities = torch.einsum("ipd,id->ip", image_features, text_mean[row_of_image].to(image_features.dtype))
+        text_of_image = text_mean[row_of_image].to(image_features.dtype)
+        affinities = torch.bmm(image_features, text_of_image.unsqueeze(-1)).squeeze(-1)  # (I, P)
         gate = self.alignment_gate
-        image_weights = torch.softmax(gate(affinities.to(gate.fc1.weight.dtype)).float(), dim=-1)  # (I, N-1)
+        image_weights = torch.softmax(gate(affinities.to(gate.fc1.weight.dtype)), dim=-1, dtype=torch.float32)
         # Several images in one row: each image gets its own weights, the row's one <align> token uses their mean.
         row_weights = torch.zeros(batch_size, num_local, device=image_weights.device, dtype=image_weights.dtype)
-        row_weights = row_weights.index_add(0, row_of_image, image_weights)
-        row_weights = row_weights / images_per_row.clamp(min=1).unsqueeze(-1).to(row_weights.dtype)
+        row_weights.index_add_(0, row_of_image, image_weights)
+        row_weights = row_weights / images_per_row.clamp(min=1).unsqueeze(-1)
 
-        local = row_weights.to(table.dtype) @ table[:num_local]
-        vectors = local if mode == "local" else table[num_local] + local
-        return vectors, row_weights
+        mix = row_weights.to(table.dtype)
+        if mode == "local":
+            return mix @ table[:num_local], row_weights
+        return torch.addmm(table[num_local], mix, table[:num_local]), row_weights  # E[N-1] + w @ E[:N-1]
 
     @can_return_tuple
     def forward(
