@@ -9,9 +9,12 @@ quantisation, bf16 compute) one by one, so fp32 7B weights never exist and no ch
 Recipes (how the non-quantised rest of the model is prepared):
 - `kbit`: the usual PEFT recipe, `prepare_model_for_kbit_training`, which upcasts every non-quantised module (the
   frozen vision tower, embeddings, `lm_head`, norms) to fp32;
-- `lean`: what `transformers_aligngpt.training` does: nothing is upcast, the frozen vision tower stays in bf16.
+- `lean`: what `transformers_aligngpt.training` does: nothing is upcast, the frozen vision tower stays in bf16;
+- `lean_offload`: `lean` plus TRL's `activation_offloading` (the checkpointed layer inputs wait in pinned CPU memory;
+  GPU only).
 
-Rows (`--runs`, default `llava:kbit,aligngpt:lean,llava:lean`): each prints one JSON line with the peak allocated /
+Rows (`--runs`, default `llava:kbit,aligngpt:lean,aligngpt:lean_offload,llava:lean` on the GPU, in that order of
+importance): each prints one JSON line as soon as it is measured, with the peak allocated /
 reserved GiB over the training steps (`torch.cuda.max_memory_*`; bitsandbytes' paged optimizer states live in CUDA
 managed memory outside PyTorch's allocator), tokens/s over the measured steps (after `--warmup` steps), and sizes.
 
@@ -33,10 +36,11 @@ import time
 import torch
 from torch import nn
 
-ALIGNGPT_SKIP = ("model.vision_tower", "model.multi_modal_projector", "model.alignment_embeddings",
-                 "model.alignment_gate", "lm_head")
+from transformers_aligngpt.training import LLM_LORA_TARGET_MODULES as LORA_TARGETS  # noqa: E402
+from transformers_aligngpt.training import NOT_QUANTIZED_MODULES as ALIGNGPT_SKIP  # noqa: E402
+
 LLAVA_SKIP = ("model.vision_tower", "model.multi_modal_projector", "lm_head")
-LORA_TARGETS = r"model\.language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+RECIPES = ("kbit", "lean", "lean_offload")
 VOCAB = 32064  # llava-hf/llava-1.5-7b-hf; both models get the same vocabulary
 IMAGE_TOKEN_ID, ALIGN_TOKEN_ID = 32000, 32001
 QUICK_VOCAB, QUICK_IMAGE_TOKEN_ID, QUICK_ALIGN_TOKEN_ID = 512, 500, 501
@@ -248,10 +252,14 @@ def run(kind: str, recipe: str, args, device: torch.device) -> dict:
         model.requires_grad_(False)
     weights_bytes = torch.cuda.memory_allocated() if device.type == "cuda" else None
 
-    modules_to_save = ["multi_modal_projector"] + (["alignment_gate"] if kind == "aligngpt" else [])
-    lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                      target_modules=LORA_TARGETS, modules_to_save=modules_to_save, task_type="CAUSAL_LM",
-                      bias="none")
+    if kind == "aligngpt":  # the package's own LoRA recipe: the LLM's projections, gate + projector fully trained
+        from transformers_aligngpt.training import aligngpt_lora_config
+
+        lora = aligngpt_lora_config(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
+    else:
+        lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                          target_modules=LORA_TARGETS, modules_to_save=["multi_modal_projector"],
+                          task_type="CAUSAL_LM", bias="none")
     collator = SyntheticConversations(kind, model.config, args.seq_len, args.quick)
     from datasets import Dataset
 
@@ -274,6 +282,7 @@ def run(kind: str, recipe: str, args, device: torch.device) -> dict:
         report_to="none",
         dataset_kwargs={"skip_prepare_dataset": True},
         remove_unused_columns=False,
+        activation_offloading=recipe == "lean_offload",
         dataloader_num_workers=0,
         seed=0,
         disable_tqdm=True,
@@ -372,8 +381,10 @@ def plan(args) -> list[dict]:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", default="llava:kbit,aligngpt:lean,llava:lean",
-                        help="comma-separated model:recipe pairs (models: llava, aligngpt; recipes: kbit, lean)")
+    parser.add_argument("--runs", default=None,
+                        help="comma-separated model:recipe pairs (models: llava, aligngpt; recipes: kbit, lean, "
+                             "lean_offload); default llava:kbit,aligngpt:lean,aligngpt:lean_offload,llava:lean "
+                             "(--quick: without lean_offload)")
     parser.add_argument("--steps", type=int, default=5, help="measured steps")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=2048)
@@ -400,11 +411,17 @@ def main(argv=None):
         if not torch.cuda.is_available():
             parser.error("the 7B benchmark needs a CUDA GPU; use --quick for a CPU smoke run or --plan for the sizes")
         device = torch.device("cuda")
+    if args.runs is None:
+        args.runs = "llava:kbit,aligngpt:lean,llava:lean" if args.quick else (
+            "llava:kbit,aligngpt:lean,aligngpt:lean_offload,llava:lean")
+    runs = [item.strip().partition(":")[::2] for item in args.runs.split(",")]
+    for kind, recipe in runs:
+        if kind not in ("llava", "aligngpt") or recipe not in RECIPES:
+            parser.error(f"bad --runs item {kind}:{recipe}")
+        if recipe == "lean_offload" and device.type != "cuda":
+            parser.error("lean_offload (activation offloading) needs a CUDA GPU")
     rows = []
-    for item in args.runs.split(","):
-        kind, _, recipe = item.strip().partition(":")
-        if kind not in ("llava", "aligngpt") or recipe not in ("kbit", "lean"):
-            parser.error(f"bad --runs item {item!r}")
+    for kind, recipe in runs:
         row = run(kind, recipe, args, device)
         print(json.dumps(row), flush=True)
         rows.append(row)

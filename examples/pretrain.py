@@ -35,7 +35,8 @@ def parse_args(argv=None):
     model.add_argument("--model-name-or-path", help="an AlignGPT checkpoint to continue from")
     model.add_argument("--text-model", help="a causal LM id or path, e.g. lmsys/vicuna-7b-v1.5")
     model.add_argument("--vision-model", help="a CLIP / SigLIP id or path, e.g. openai/clip-vit-large-patch14-336")
-    model.add_argument("--num-alignment-levels", type=int, default=8, help="N for a new model (tiny model: 5)")
+    model.add_argument("--num-alignment-levels", type=int, default=None,
+                       help="N for a new model (default 8; the tiny model: 5, the grades of the built-in captions)")
     data = parser.add_argument_group("data (none: built-in synthetic image-caption pairs)")
     data.add_argument("--data", help="LLaVA-layout JSON with `similarity`, or a folder saved with save_to_disk")
     data.add_argument("--image-folder", help="folder the JSON's `image` fields are relative to")
@@ -74,13 +75,14 @@ def build_model_and_processor(args):
         # the frozen parts stay in bf16 with --bf16; trained parts are upcast by the trainer's mixed precision
         dtype = torch.bfloat16 if args.bf16 else torch.float32
         return build_aligngpt_from_pretrained(
-            args.text_model, args.vision_model, num_alignment_levels=args.num_alignment_levels, dtype=dtype
+            args.text_model, args.vision_model, num_alignment_levels=args.num_alignment_levels or 8, dtype=dtype
         )
     from transformers_aligngpt.demo import NUM_QUALITIES, demo_corpus
     from transformers_aligngpt.tiny import build_tiny_model
 
     # the demo's caption grades (0 = unrelated .. 4 = exact) are the alignment levels of the tiny model
-    return build_tiny_model(texts=demo_corpus(), seed=args.seed, num_alignment_levels=NUM_QUALITIES)
+    levels = args.num_alignment_levels or NUM_QUALITIES
+    return build_tiny_model(texts=demo_corpus(), seed=args.seed, num_alignment_levels=levels)
 
 
 def build_dataset(args):

@@ -41,6 +41,8 @@ def parse_args(argv=None):
     model.add_argument("--text-model", help="a causal LM id or path, e.g. lmsys/vicuna-7b-v1.5")
     model.add_argument("--vision-model", help="a CLIP / SigLIP id or path, e.g. openai/clip-vit-large-patch14-336")
     model.add_argument("--pretrain-artifact", help="mm_projector_align.safetensors (or the original .bin) to load")
+    model.add_argument("--num-alignment-levels", type=int, default=None,
+                       help="N for a model built from --text-model/--vision-model (default: the artefact's, else 8)")
     model.add_argument("--gate-text-scope", choices=["prompt", "conversation"], default=None)
     peft = parser.add_argument_group("LoRA / QLoRA")
     peft.add_argument("--use-peft", action="store_true", help="LoRA on the LLM, gate and projector trained fully")
@@ -75,6 +77,21 @@ def parse_args(argv=None):
     return args
 
 
+def artifact_levels(path) -> int | None:
+    """Number of alignment levels stored in a phase-1 artefact (ours or the original's)."""
+    if path is None:
+        return None
+    if os.path.isdir(path):
+        path = os.path.join(path, "mm_projector_align.safetensors")
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            return f.get_slice("model.alignment_embeddings.weight").get_shape()[0]
+    state = torch.load(path, weights_only=True)
+    return state["align_indicators.indicator_embs"].shape[0]
+
+
 def build_model_and_processor(args):
     import transformers_aligngpt  # noqa: F401  (registers the Auto classes)
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -91,7 +108,10 @@ def build_model_and_processor(args):
                 "--load-in-4bit loads a saved AlignGPT checkpoint: run pretrain.py first (its output is a full "
                 "checkpoint) and pass it with --model-name-or-path"
             )
-        model, processor = build_aligngpt_from_pretrained(args.text_model, args.vision_model, dtype=dtype)
+        levels = args.num_alignment_levels or artifact_levels(args.pretrain_artifact) or 8
+        model, processor = build_aligngpt_from_pretrained(
+            args.text_model, args.vision_model, num_alignment_levels=levels, dtype=dtype
+        )
     elif path is None:
         from transformers_aligngpt.demo import demo_corpus
         from transformers_aligngpt.tiny import build_tiny_model
