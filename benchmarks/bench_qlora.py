@@ -36,8 +36,8 @@ import time
 import torch
 from torch import nn
 
-from transformers_aligngpt.training import LLM_LORA_TARGET_MODULES as LORA_TARGETS  # noqa: E402
-from transformers_aligngpt.training import NOT_QUANTIZED_MODULES as ALIGNGPT_SKIP  # noqa: E402
+from transformers_aligngpt.training import LLM_LORA_TARGET_MODULES as LORA_TARGETS
+from transformers_aligngpt.training import NOT_QUANTIZED_MODULES as ALIGNGPT_SKIP
 
 LLAVA_SKIP = ("model.vision_tower", "model.multi_modal_projector", "lm_head")
 RECIPES = ("kbit", "lean", "lean_offload")
@@ -48,7 +48,9 @@ QUICK_VOCAB, QUICK_IMAGE_TOKEN_ID, QUICK_ALIGN_TOKEN_ID = 512, 500, 501
 
 def token_ids(quick: bool) -> tuple[int, int, int]:
     """(vocabulary size, `<image>` id, `<align>` id)."""
-    return (QUICK_VOCAB, QUICK_IMAGE_TOKEN_ID, QUICK_ALIGN_TOKEN_ID) if quick else (VOCAB, IMAGE_TOKEN_ID, ALIGN_TOKEN_ID)
+    if quick:
+        return QUICK_VOCAB, QUICK_IMAGE_TOKEN_ID, QUICK_ALIGN_TOKEN_ID
+    return VOCAB, IMAGE_TOKEN_ID, ALIGN_TOKEN_ID
 
 
 # ------------------------------------------------------------------------------------------------------------ configs
@@ -354,7 +356,9 @@ def plan(args) -> list[dict]:
                 quantized += n
                 if re.fullmatch(LORA_TARGETS, name):
                     lora += args.lora_r * (module.in_features + module.out_features)
-        quantized_names = {f"{n}.weight" for n, m in model.named_modules() if type(m) is nn.Linear and not _skipped(n, skip)}
+        quantized_names = {
+            f"{n}.weight" for n, m in model.named_modules() if type(m) is nn.Linear and not _skipped(n, skip)
+        }
         for name, p in model.named_parameters():
             if name not in quantized_names:
                 other += p.numel()

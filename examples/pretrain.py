@@ -60,8 +60,9 @@ def parse_args(argv=None):
 
 
 def build_model_and_processor(args):
-    import transformers_aligngpt  # noqa: F401  (registers the Auto classes)
     from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import transformers_aligngpt  # noqa: F401  (registers the Auto classes)
 
     if args.model_name_or_path:
         dtype = torch.bfloat16 if args.bf16 else torch.float32
@@ -102,7 +103,10 @@ def build_dataset(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    from transformers_aligngpt.training import AlignGPTPretrainer, AlignGPTPretrainingArguments
+    from transformers_aligngpt.training import (
+        AlignGPTPretrainer,
+        AlignGPTPretrainingArguments,
+    )
 
     # the arguments come first: under DeepSpeed they set up the distributed state the model loading reads
     training_args = AlignGPTPretrainingArguments(

@@ -93,10 +93,14 @@ def artifact_levels(path) -> int | None:
 
 
 def build_model_and_processor(args):
-    import transformers_aligngpt  # noqa: F401  (registers the Auto classes)
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from transformers_aligngpt.training import build_aligngpt_from_pretrained, load_for_qlora, load_pretraining_artifact
+    import transformers_aligngpt  # noqa: F401  (registers the Auto classes)
+    from transformers_aligngpt.training import (
+        build_aligngpt_from_pretrained,
+        load_for_qlora,
+        load_pretraining_artifact,
+    )
 
     dtype = torch.bfloat16 if (args.bf16 or args.load_in_4bit) else torch.float32
     path = args.model_name_or_path
@@ -152,7 +156,11 @@ def main(argv=None):
     args = parse_args(argv)
     from trl import SFTConfig
 
-    from transformers_aligngpt.training import aligngpt_lora_config, make_sft_trainer, merge_qlora_adapter
+    from transformers_aligngpt.training import (
+        aligngpt_lora_config,
+        make_sft_trainer,
+        merge_qlora_adapter,
+    )
 
     on_gpu = torch.cuda.is_available()
     learning_rate = args.learning_rate or (2e-4 if args.use_peft else 2e-5)

@@ -11,12 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import chat
 from transformers import TrainerCallback
 
-from conftest import chat
 from transformers_aligngpt import AlignGPTForConditionalGeneration
-from transformers_aligngpt.collators import AlignGPTInstructionCollator, AlignGPTPretrainingCollator
+from transformers_aligngpt.collators import (
+    AlignGPTInstructionCollator,
+    AlignGPTPretrainingCollator,
+)
 from transformers_aligngpt.training import (
+    LLM_LORA_TARGET_MODULES,
     PRETRAINING_ARTIFACT_NAME,
     AlignGPTPretrainer,
     AlignGPTPretrainingArguments,
@@ -52,20 +56,20 @@ def changed(before, model, prefix=""):
 
 
 def pretraining_args(tmp_path, **overrides):
-    kwargs = dict(
-        output_dir=str(tmp_path),
-        max_steps=6,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        warmup_steps=0,
-        logging_steps=1,
-        save_steps=3,
-        report_to="none",
-        use_cpu=True,
-        seed=0,
-        data_seed=0,
-        disable_tqdm=True,
-    )
+    kwargs = {
+        "output_dir": str(tmp_path),
+        "max_steps": 6,
+        "per_device_train_batch_size": 4,
+        "learning_rate": 1e-2,
+        "warmup_steps": 0,
+        "logging_steps": 1,
+        "save_steps": 3,
+        "report_to": "none",
+        "use_cpu": True,
+        "seed": 0,
+        "data_seed": 0,
+        "disable_tqdm": True,
+    }
     kwargs.update(overrides)
     return AlignGPTPretrainingArguments(**kwargs)
 
@@ -73,22 +77,22 @@ def pretraining_args(tmp_path, **overrides):
 def sft_args(tmp_path, **overrides):
     from trl import SFTConfig
 
-    kwargs = dict(
-        output_dir=str(tmp_path),
-        max_steps=4,
-        per_device_train_batch_size=4,
-        learning_rate=5e-3,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        bf16=False,
-        assistant_only_loss=True,
-        max_length=None,
-        gradient_checkpointing=False,
-        seed=0,
-        disable_tqdm=True,
-    )
+    kwargs = {
+        "output_dir": str(tmp_path),
+        "max_steps": 4,
+        "per_device_train_batch_size": 4,
+        "learning_rate": 5e-3,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "use_cpu": True,
+        "bf16": False,
+        "assistant_only_loss": True,
+        "max_length": None,
+        "gradient_checkpointing": False,
+        "seed": 0,
+        "disable_tqdm": True,
+    }
     kwargs.update(overrides)
     return SFTConfig(**kwargs)
 
@@ -247,7 +251,8 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(config, processo
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=1e-6, msg=name)
     assert not torch.equal(
-        expected["model.alignment_embeddings.weight"], interrupted.model.state_dict()["model.alignment_embeddings.weight"]
+        expected["model.alignment_embeddings.weight"],
+        interrupted.model.state_dict()["model.alignment_embeddings.weight"],
     )
 
 
@@ -259,7 +264,8 @@ def test_two_process_cpu_run_through_accelerate_launch(tmp_path):
         str(ROOT / "examples" / "pretrain.py"),
         "--output-dir", str(output), "--max-steps", "2", "--num-rows", "8", "--per-device-train-batch-size", "2",
     ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=subprocess_env(tmp_path))
+    env = subprocess_env(tmp_path)
+    result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads([line for line in result.stdout.splitlines() if line.startswith('{"world_size"')][-1])
     assert summary == {"world_size": 2, "global_step": 2}
@@ -345,9 +351,9 @@ def test_phase2_lora_trains_gate_projector_and_adapter_only(config, processor, i
     assert any("lora_A" in n and "language_model" in n for n in trainable)
     assert not any("vision_tower" in n or "alignment_embeddings" in n for n in trainable)
     state = trainer.model.state_dict()
-    gate = [n for n in state if "alignment_gate.modules_to_save" in n and n.endswith("fc1.weight")][0]
+    gate = next(n for n in state if "alignment_gate.modules_to_save" in n and n.endswith("fc1.weight"))
     assert not torch.equal(state[gate], before["model.alignment_gate.fc1.weight"])
-    embeddings = [n for n in state if n.endswith("alignment_embeddings.weight")][0]
+    embeddings = next(n for n in state if n.endswith("alignment_embeddings.weight"))
     assert torch.equal(state[embeddings], before["model.alignment_embeddings.weight"])
     assert model.config.gate_text_scope == "conversation"
 
@@ -468,13 +474,13 @@ def test_trl_sft_cli_on_a_saved_checkpoint(tiny_checkpoint, instruction_dataset,
     if quantised:
         command += [
             "--use_peft", "--load_in_4bit", "--dtype", "bfloat16", "--lora_r", "4",
-            "--lora_target_modules", r"model\.language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
+            "--lora_target_modules", LLM_LORA_TARGET_MODULES,
             "--lora_modules_to_save", "multi_modal_projector", "alignment_gate",
         ]
     # the checkpoint's own code (auto_map) is what runs: not this package
     env = subprocess_env(tmp_path)
     env["PYTHONPATH"] = ""
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "'loss'" in result.stdout + result.stderr
     saved = tmp_path / "out" / ("adapter_model.safetensors" if quantised else "model.safetensors")
@@ -486,9 +492,15 @@ def test_trl_sft_cli_on_a_saved_checkpoint(tiny_checkpoint, instruction_dataset,
 
 def test_build_from_a_pretrained_llm_and_vision_tower(tokenizer, tmp_path):
     from transformers import AutoTokenizer, CLIPVisionModel, LlamaForCausalLM
-    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+    from transformers.models.llava.image_processing_pil_llava import (
+        LlavaImageProcessorPil,
+    )
 
-    from transformers_aligngpt.tiny import build_tiny_tokenizer, tiny_text_config, tiny_vision_config
+    from transformers_aligngpt.tiny import (
+        build_tiny_tokenizer,
+        tiny_text_config,
+        tiny_vision_config,
+    )
 
     # a "Vicuna" without the placeholder tokens and a "CLIP" with its preprocessor config, saved locally
     llm_dir, clip_dir = tmp_path / "llm", tmp_path / "clip"
@@ -550,4 +562,5 @@ def test_benchmark_quick_smoke_run():
     assert rows[0]["frozen_fp32_params"] > 0 and rows[1]["frozen_fp32_params"] == 0
     plan = {(r["model"], r["recipe"]): r for r in bench["plan"](bench["argparse"].Namespace(lora_r=64))}
     assert plan[("aligngpt", "lean")]["nf4_params"] == plan[("llava", "lean")]["nf4_params"] == 6_476_005_376
-    assert plan[("aligngpt", "lean")]["weights_and_adapter_gib"] < plan[("llava", "kbit")]["weights_and_adapter_gib"] - 1
+    lean, kbit = plan[("aligngpt", "lean")], plan[("llava", "kbit")]
+    assert lean["weights_and_adapter_gib"] < kbit["weights_and_adapter_gib"] - 1

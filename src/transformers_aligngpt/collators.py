@@ -113,15 +113,15 @@ class AlignGPTPretrainingCollator:
     def _level(self, example: dict, index: int) -> int:
         if example.get(self.level_column) is None:
             raise ValueError(
-                f"Pre-training example {index} has no {self.level_column!r}: phase 1 needs the alignment level of every "
-                "image-caption pair. Score the pairs with CLIP and bucket the scores into levels first "
+                f"Pre-training example {index} has no {self.level_column!r}: phase 1 needs the alignment level of "
+                "every image-caption pair. Score the pairs with CLIP and bucket the scores into levels first "
                 "(transformers_aligngpt.alignment_levels)."
             )
         level = int(example[self.level_column])
         if self.num_alignment_levels is not None and not 0 <= level < self.num_alignment_levels:
             raise ValueError(
-                f"Pre-training example {index} has {self.level_column}={level}, outside 0..{self.num_alignment_levels - 1} "
-                f"(the model has {self.num_alignment_levels} alignment levels)."
+                f"Pre-training example {index} has {self.level_column}={level}, outside "
+                f"0..{self.num_alignment_levels - 1} (the model has {self.num_alignment_levels} alignment levels)."
             )
         return level
 
@@ -225,9 +225,9 @@ class AlignGPTInstructionCollator(DataCollatorForVisionLanguageModeling):
 
 
 __all__ = [
-    "AlignGPTPretrainingCollator",
+    "IGNORE_INDEX",
     "AlignGPTInstructionCollator",
+    "AlignGPTPretrainingCollator",
     "chat_template_with_bos",
     "mask_placeholders",
-    "IGNORE_INDEX",
 ]

@@ -33,7 +33,11 @@ from transformers import (
     TrainingArguments,
 )
 
-from .collators import AlignGPTInstructionCollator, AlignGPTPretrainingCollator, chat_template_with_bos
+from .collators import (
+    AlignGPTInstructionCollator,
+    AlignGPTPretrainingCollator,
+    chat_template_with_bos,
+)
 from .configuration_aligngpt import GATE_TEXT_SCOPES, AlignGPTConfig
 
 logger = logging.getLogger(__name__)
@@ -288,7 +292,9 @@ def load_pretraining_artifact(model: torch.nn.Module, path: str | os.PathLike) -
         )
     for key, value in loaded.items():
         if own[key].shape != value.shape:
-            raise ValueError(f"{path}: {key} has shape {tuple(value.shape)}, the model expects {tuple(own[key].shape)}.")
+            raise ValueError(
+                f"{path}: {key} has shape {tuple(value.shape)}, the model expects {tuple(own[key].shape)}."
+            )
     target.load_state_dict(loaded, strict=False)
     return sorted(f"model.{key}" for key in loaded)
 
@@ -486,7 +492,9 @@ class AlignGPTPretrainer(Trainer):
             validate_pretraining_dataset(dataset, config.num_alignment_levels, level_column)
         if data_collator is None:
             if processing_class is None:
-                raise ValueError("AlignGPTPretrainer needs the model's processor (`processing_class`) to build batches.")
+                raise ValueError(
+                    "AlignGPTPretrainer needs the model's processor (`processing_class`) to build batches."
+                )
             data_collator = AlignGPTPretrainingCollator(
                 processing_class,
                 num_alignment_levels=config.num_alignment_levels,
@@ -558,7 +566,6 @@ def validate_sft_options(
     )
     sample = _first_row(train_dataset)
     is_vision = "images" in sample or "image" in sample
-    conversational = "messages" in sample or ("prompt" in sample and not isinstance(sample["prompt"], str))
     prompt_completion = "prompt" in sample and "completion" in sample
     if is_vision and args.packing:
         raise ValueError(
@@ -587,8 +594,8 @@ def validate_sft_options(
             for module_name, module in model.named_modules():
                 if (module_name == name or module_name.endswith("." + name)) and is_quantized_module(module):
                     raise ValueError(
-                        f"modules_to_save names {name!r}, but {module_name!r} is quantised: a quantised module cannot be "
-                        "trained fully. Keep it out of quantisation (llm_int8_skip_modules, see qlora_bnb_config()) "
+                        f"modules_to_save names {name!r}, but {module_name!r} is quantised: a quantised module cannot "
+                        "be trained fully. Keep it out of quantisation (llm_int8_skip_modules, see qlora_bnb_config()) "
                         "or drop it from modules_to_save."
                     )
     if is_vision and args.max_length is not None:
@@ -700,7 +707,9 @@ def build_aligngpt_from_pretrained(
     """
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
     from transformers.image_processing_base import ImageProcessingMixin
-    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+    from transformers.models.llava.image_processing_pil_llava import (
+        LlavaImageProcessorPil,
+    )
 
     from .modeling_aligngpt import (
         AlignGPTAlignmentGate,
@@ -767,23 +776,23 @@ __all__ = [
     "LORA_MODULES_TO_SAVE",
     "NOT_QUANTIZED_MODULES",
     "PRETRAINING_ARTIFACT_NAME",
-    "AlignGPTPretrainingArguments",
     "AlignGPTPretrainer",
-    "freeze_for_pretraining",
-    "freeze_for_instruction_tuning",
-    "trainable_parameter_names",
-    "qlora_bnb_config",
+    "AlignGPTPretrainingArguments",
     "aligngpt_lora_config",
-    "load_for_qlora",
-    "load_qlora_adapter",
-    "merge_qlora_adapter",
+    "build_aligngpt_from_pretrained",
+    "freeze_for_instruction_tuning",
+    "freeze_for_pretraining",
+    "image_rows_longer_than",
     "is_quantized_module",
-    "pretraining_state_dict",
-    "save_pretraining_artifact",
+    "load_for_qlora",
     "load_pretraining_artifact",
+    "load_qlora_adapter",
+    "make_sft_trainer",
+    "merge_qlora_adapter",
+    "pretraining_state_dict",
+    "qlora_bnb_config",
+    "save_pretraining_artifact",
+    "trainable_parameter_names",
     "validate_pretraining_dataset",
     "validate_sft_options",
-    "image_rows_longer_than",
-    "make_sft_trainer",
-    "build_aligngpt_from_pretrained",
 ]
