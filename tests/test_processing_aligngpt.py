@@ -112,3 +112,16 @@ def test_tokenizer_without_placeholders_is_rejected(processor):
     tok = build_tiny_tokenizer()
     with pytest.raises(ValueError, match="must know"):
         AlignGPTProcessor(image_processor=processor.image_processor, tokenizer=tok, alignment_token="<nope>")
+
+
+def test_exactly_one_bos_whatever_add_special_tokens_says(processor, images):
+    """TRL tokenises rendered chats with add_special_tokens=False: rows must still start with one bos."""
+    text = processor.apply_chat_template(chat("What is it?", answer="A box."))
+    bos = processor.tokenizer.bos_token_id
+    for add_special_tokens in (True, False):
+        ids = processor(images=images[:1], text=[text], add_special_tokens=add_special_tokens)["input_ids"][0]
+        assert ids[:2] == [bos, processor.alignment_token_id] and ids.count(bos) == 1
+    already = processor(images=images[:1], text=[processor.tokenizer.bos_token + text])["input_ids"][0]
+    assert already == ids
+    text_only = processor(text=["Hello there"], add_special_tokens=False)["input_ids"][0]
+    assert text_only[0] == bos and text_only.count(bos) == 1

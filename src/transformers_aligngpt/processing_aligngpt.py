@@ -46,6 +46,20 @@ def plain_pretraining_text(caption: str, image_token: str = "<image>") -> str:
     return f"{image_token}{caption}\n"
 
 
+def _insert(text: str, offsets: list[dict], at: int, original_at: int, string: str, kind: str):
+    """Inserts `string` at character `at` of an expanded row (`original_at` in the caller's text) and shifts the
+    recorded replacement offsets, which ProcessorMixin uses to map character spans (assistant masks)."""
+    width = len(string)
+    shifted = [
+        {**r, "new_span": tuple(x + width if x >= at else x for x in r["new_span"])} for r in offsets
+    ]
+    inserted = {
+        "type": kind, "span": (original_at, original_at), "new_span": (at, at + width), "text": "",
+        "replacement": string,
+    }
+    return text[:at] + string + text[at:], sorted([inserted] + shifted, key=lambda r: r["new_span"][0])
+
+
 class AlignGPTProcessor(ProcessorMixin):
     r"""
     Args:
@@ -97,27 +111,44 @@ class AlignGPTProcessor(ProcessorMixin):
                 "image (PNG, JPEG, ...); re-encode or drop corrupt files."
             ) from error
 
-    def get_text_with_replacements(self, text, images_replacements=(), videos_replacements=(), audio_replacements=()):
-        """Expands `<image>` (ProcessorMixin), then puts `<align>` right after bos in rows that have an image.
+    @property
+    def bos_text(self) -> str | None:
+        """The bos string when the tokenizer starts sequences with bos (Llama / Vicuna), else None (Qwen2 ...)."""
+        if not hasattr(self, "_bos_text"):
+            tokenizer = self.tokenizer
+            adds_bos = tokenizer.bos_token is not None and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]
+            self._bos_text = tokenizer.bos_token if adds_bos else None
+        return self._bos_text
 
-        The insertion is recorded like a placeholder expansion so that `return_assistant_tokens_mask=True`
+    def __call__(self, images=None, text=None, videos=None, audio=None, **kwargs):
+        # Every row starts with exactly one bos, written into the text by `get_text_with_replacements`, so that
+        # callers that tokenise with add_special_tokens=False (TRL's collators, apply_chat_template) still give the
+        # model the sequences it was trained on.
+        if text is not None and self.bos_text is not None:
+            kwargs["add_special_tokens"] = False
+        return super().__call__(images=images, text=text, videos=videos, audio=audio, **kwargs)
+
+    def get_text_with_replacements(self, text, images_replacements=(), videos_replacements=(), audio_replacements=()):
+        """Expands `<image>` (ProcessorMixin), starts every row with bos, and puts `<align>` right after bos in rows
+        that have an image.
+
+        Insertions are recorded like placeholder expansions, so that `return_assistant_tokens_mask=True`
         (assistant-only loss) still finds the answers at the right characters.
         """
         text, offsets = super().get_text_with_replacements(
             text, list(images_replacements), list(videos_replacements), list(audio_replacements)
         )
         offsets = offsets or [[] for _ in text]
-        bos, align, width = self.tokenizer.bos_token, self.alignment_token, len(self.alignment_token)
-        for row, sample in enumerate(text):
-            if not any(r["type"] == "image" for r in offsets[row]) or align in sample:
-                continue
-            # the tokenizer adds bos itself unless the text starts with it; either way <align> follows bos
-            at = len(bos) if bos and sample.startswith(bos) else 0
-            text[row] = sample[:at] + align + sample[at:]
-            shifted = [{**r, "new_span": (r["new_span"][0] + width, r["new_span"][1] + width)} for r in offsets[row]]
-            inserted = {"type": "alignment", "span": (at, at), "new_span": (at, at + width), "text": "",
-                        "replacement": align}
-            offsets[row] = [inserted] + shifted
+        bos, align = self.bos_text, self.alignment_token
+        for row in range(len(text)):
+            has_image = any(r["type"] == "image" for r in offsets[row])
+            added_bos = bos is not None and not text[row].startswith(bos)
+            if added_bos:
+                text[row], offsets[row] = _insert(text[row], offsets[row], 0, 0, bos, "bos")
+            if has_image and align not in text[row]:
+                at = len(bos) if bos is not None else 0
+                original_at = 0 if added_bos else at
+                text[row], offsets[row] = _insert(text[row], offsets[row], at, original_at, align, "alignment")
         return text, offsets
 
     def _process_images(self, images, **kwargs):
