@@ -158,24 +158,6 @@ class AlignGPTPretrainingCollator:
         }
 
 
-def chat_template_with_bos(processor, chat_template: str | None = None) -> str | None:
-    """The chat template to train with, starting with the tokenizer's bos token like the tokenised prompts at inference.
-
-    `processor.apply_chat_template(tokenize=True)` adds bos when the rendered text lacks it, but TRL's collator
-    tokenises with `add_special_tokens=False`; a template that does not write bos itself would then train on rows
-    without bos. Returns `None` when the template already starts with bos (or the tokenizer has none).
-    """
-    template = chat_template or processor.chat_template
-    bos = processor.tokenizer.bos_token
-    if template is None or bos is None:
-        return chat_template
-    probe = [{"role": "user", "content": [{"type": "text", "text": "x"}]}]
-    rendered = processor.apply_chat_template(probe, chat_template=template, tokenize=False)
-    if rendered.startswith(bos):
-        return chat_template
-    return "{{- bos_token -}}" + template
-
-
 @dataclass
 class AlignGPTInstructionCollator(DataCollatorForVisionLanguageModeling):
     """Phase-2 batches: TRL's vision-language collator plus AlignGPT's needs.
@@ -183,7 +165,6 @@ class AlignGPTInstructionCollator(DataCollatorForVisionLanguageModeling):
     On top of `DataCollatorForVisionLanguageModeling` (conversations in `messages` + `images`, or
     `prompt`/`completion`; text-only rows mixed in):
     - `<image>` / `<align>` positions never carry a label (TRL leaves them in when the loss is not assistant-only);
-    - every row starts with bos (see [`chat_template_with_bos`]);
     - with `gate_text_scope="prompt"`, `gate_text_mask` (True where the token is not supervised) restricts the gate's
       text mean to the prompt, as at inference. `"conversation"` adds nothing: the gate averages the whole
       conversation, answers included, as the original code does in training. `None` takes neither (the model then
@@ -191,7 +172,6 @@ class AlignGPTInstructionCollator(DataCollatorForVisionLanguageModeling):
     """
 
     gate_text_scope: str | None = None
-    add_bos: bool = True
 
     def __post_init__(self):
         if self.gate_text_scope is not None and self.gate_text_scope not in GATE_TEXT_SCOPES:
@@ -204,8 +184,6 @@ class AlignGPTInstructionCollator(DataCollatorForVisionLanguageModeling):
                 "prompt: use assistant_only_loss=True (conversations) or completion_only_loss=True "
                 "(prompt/completion data), or gate_text_scope='conversation'."
             )
-        if self.add_bos:
-            self.chat_template = chat_template_with_bos(self.processor, self.chat_template)
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         batch = super().torch_call(examples)
@@ -228,6 +206,5 @@ __all__ = [
     "IGNORE_INDEX",
     "AlignGPTInstructionCollator",
     "AlignGPTPretrainingCollator",
-    "chat_template_with_bos",
     "mask_placeholders",
 ]

@@ -36,7 +36,6 @@ from transformers import (
 from .collators import (
     AlignGPTInstructionCollator,
     AlignGPTPretrainingCollator,
-    chat_template_with_bos,
 )
 from .configuration_aligngpt import GATE_TEXT_SCOPES, AlignGPTConfig
 
@@ -381,7 +380,7 @@ def image_rows_longer_than(
     from trl.data_utils import prepare_multimodal_messages
 
     image_token, num_image_tokens = processor.image_token, processor.num_image_tokens
-    template = chat_template_with_bos(processor, chat_template) or chat_template
+    template = chat_template
     tokenizer = processor.tokenizer
     names = set(dataset.column_names)
     text_columns = [c for c in ("messages", "prompt", "completion", "text") if c in names]
