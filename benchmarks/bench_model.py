@@ -39,7 +39,11 @@ from transformers import CLIPVisionConfig, CompileConfig, LlamaConfig, LlavaConf
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Recorder, compare, log, machine_info, ratios, synchronize, time_call
 
-from transformers_aligngpt import AlignGPTConfig, AlignGPTForConditionalGeneration
+try:
+    from transformers_aligngpt import AlignGPTConfig, AlignGPTForConditionalGeneration
+except ImportError:  # a checkout where the package is not installed (e.g. the GPU machine): use src/
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    from transformers_aligngpt import AlignGPTConfig, AlignGPTForConditionalGeneration
 
 BOS, EOS, PAD = 1, 2, 0
 IMAGE_ID, ALIGN_ID = 32000, 32001
@@ -516,6 +520,102 @@ def case_profile(args, rec, aligngpt, dtype, image_size, num_image_tokens):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def summarize(path: str) -> str:
+    """Markdown tables of a JSON-lines file written by this script (`--summarize FILE`)."""
+    import json
+
+    records = [json.loads(line) for line in open(path) if line.strip()]
+    by = {}
+    for r in records:
+        by.setdefault(r["case"], []).append(r)
+    lines = []
+    for m in by.get("machine", []):
+        where = m.get("gpu") or (f"{m['cpu']} ({m.get('cpu_id', '')}; {m['torch_threads']} torch threads, "
+                                 f"{m['cpu_count']} CPUs)")
+        lines.append(f"Machine: {where}; torch {m['torch']}, transformers {m['transformers']}, "
+                     f"{m['shapes']} shapes, {m['dtype']}, attention {m['attn']}.  ")
+        lines.append(f"Command: `{m['command']}`")
+    for b in by.get("build", []):
+        lines.append(f"\nModels: LLM {b['text_layers']} layers x {b['hidden']}, tower {b['vision_layers']} layers, "
+                     f"{b['image_tokens']} image tokens; {b['llava_params'] / 1e6:.1f} M shared parameters, "
+                     f"{b['aligngpt_own_params']} AlignGPT-only.\n")
+
+    def fmt(x, digits=3):
+        if x is None:
+            return "-"
+        if isinstance(x, float):
+            return f"{x:.{digits}g}" if abs(x) < 1000 else f"{x:.0f}"
+        return str(x)
+
+    def pick(rows, model, **match):
+        for r in rows:
+            if r.get("model") == model and all(r.get(k) == v for k, v in match.items()):
+                return r
+        return {}
+
+    lines.append("| case | batch | seq (LLaVA / AlignGPT) | LLaVA | AlignGPT | AlignGPT / LLaVA (median; paired; CPU time) |")
+    lines.append("| --- | --- | --- | --- | --- | --- |")
+    fwd = by.get("forward", [])
+    if fwd:
+        a, l, s_ = pick(fwd, "aligngpt"), pick(fwd, "llava"), pick(fwd, "llava_same_len")
+        lines.append(f"| forward (no grad), s | 1 | {l.get('seq_len')} / {a.get('seq_len')} | {fmt(l.get('seconds'))} | "
+                     f"{fmt(a.get('seconds'))} | {fmt(l.get('aligngpt_ratio'))}; {fmt(l.get('aligngpt_ratio_paired'))}; "
+                     f"{fmt(l.get('aligngpt_ratio_cpu_time'))} |")
+        lines.append(f"| forward vs LLaVA at AlignGPT's length, s | 1 | {s_.get('seq_len')} / {a.get('seq_len')} | "
+                     f"{fmt(s_.get('seconds'))} | {fmt(a.get('seconds'))} | {fmt(s_.get('aligngpt_ratio'))}; "
+                     f"{fmt(s_.get('aligngpt_ratio_paired'))}; {fmt(s_.get('aligngpt_ratio_cpu_time'))} |")
+    for r in by.get("train_step", []):
+        if r["model"] != "aligngpt":
+            continue
+        l = pick(by["train_step"], "llava", batch=r["batch"])
+        lines.append(f"| train step (fwd + bwd), s{' , checkpointing' if r.get('checkpointing') else ''} | "
+                     f"{r['batch']} ({r['text_only_rows']} text-only) | {l.get('seq_len')} / {r['seq_len']} | "
+                     f"{fmt(l.get('seconds'))} | {fmt(r['seconds'])} | {fmt(r.get('ratio'))}; "
+                     f"{fmt(r.get('ratio_paired'))}; {fmt(r.get('ratio_cpu_time'))} |")
+    for r in by.get("generate", []):
+        if r.get("model") != "aligngpt":
+            if r.get("skipped") or r.get("error"):
+                lines.append(f"| generate {r.get('path')} | {r.get('batch')} | | | | "
+                             f"{r.get('skipped') or r.get('error')} |")
+            continue
+        l = pick(by["generate"], "llava", batch=r["batch"], path=r["path"])
+        seq = f"{l.get('prompt_len')} / {r['prompt_len']}"
+        lines.append(f"| prefill ({r['path']}), s | {r['batch']} | {seq} | {fmt(l.get('prefill_seconds'))} | "
+                     f"{fmt(r['prefill_seconds'])} | {fmt(r.get('prefill_ratio'))}; {fmt(r.get('prefill_ratio_paired'))}; "
+                     f"{fmt(r.get('prefill_ratio_cpu_time'))} |")
+        lines.append(f"| generate {r['new_tokens']} tokens ({r['path']}), tokens/s end to end | {r['batch']} | {seq} | "
+                     f"{fmt(l.get('e2e_tok_s'))} | {fmt(r['e2e_tok_s'])} | {fmt(r.get('e2e_throughput_ratio'))}; "
+                     f"{fmt(r.get('e2e_throughput_ratio_paired'))}; - (throughput: higher is better) |")
+        greedy = ""
+        if "greedy_equal" in r:
+            greedy = (f"; greedy ids = default path: AlignGPT {r['greedy_rows_equal']}/{r['batch']} rows, "
+                      f"LLaVA {l.get('greedy_rows_equal')}/{r['batch']}")
+            if "greedy_first_divergence_step" in r:
+                greedy += (f" (AlignGPT first differs at step {r['greedy_first_divergence_step']}, where the default "
+                           f"path's top-2 logit gap was {fmt(r['ref_logit_gap_at_divergence_max'])}, median gap "
+                           f"{fmt(r['ref_logit_gap_median'])})")
+        if r["path"] == "static_compiled":
+            greedy += f"; compile + first call {fmt(r['first_call_seconds'])} s, graph breaks {r.get('graph_breaks')}"
+        lines.append(f"| decoding ({r['path']}), tokens/s | {r['batch']} | {seq} | {fmt(l.get('decode_tok_s'))} | "
+                     f"{fmt(r.get('decode_tok_s'))} | {fmt(r.get('decode_throughput_ratio'))}; -; "
+                     f"{fmt(r.get('decode_throughput_ratio_cpu_time'))}{greedy} |")
+    for r in by.get("train", []) + [r for r in by.get("generate", []) if r.get("skipped") and r.get("model") is None]:
+        if r.get("skipped") and r["case"] == "train":
+            lines.append(f"| train step | {r.get('batch')} | | | | {r['skipped']} |")
+    extra = []
+    for key in ("alignment_path", "extra_token", "alignment_cost"):
+        for r in by.get(key, []):
+            extra.append(f"- {key}: {fmt(r['seconds'] if key != 'alignment_path' else r['extra_seconds'])} s = "
+                         f"{100 * r['share_of_forward']:.2f}% of LLaVA's batch-1 forward ({r.get('note', r.get('goal', ''))})")
+    for r in by.get("profile_alignment_path", []):
+        extra.append(f"- alignment path, batch {r['batch']}: {r['compute_ops']} non-view aten ops, host syncs "
+                     f"{r['host_syncs']}: {r['compute_op_names']}")
+    for r in by.get("done", []):
+        extra.append(f"- total run time {fmt(r['total_seconds'])} s"
+                     + (f", peak GPU memory {fmt(r['peak_memory_gib'])} GiB" if r.get("peak_memory_gib") else ""))
+    return "\n".join(lines + [""] + extra)
+
+
 def over_budget(args, rec, case, batch, path=None) -> bool:
     if args.budget_s is None:
         return False
@@ -562,7 +662,10 @@ def parse_args(argv=None):
                    help="override the tower's image size (336: 576 image tokens; --quick on CPU: 112, 64 tokens)")
     p.add_argument("--budget-s", type=float, default=None, help="skip remaining cases past this many seconds")
     p.add_argument("--out", default=None, help="append the JSON lines to this file")
+    p.add_argument("--summarize", default=None, metavar="FILE", help="print markdown tables of a JSON-lines file")
     args = p.parse_args(argv)
+    if args.summarize:
+        return args
 
     cuda = args.device.startswith("cuda")
     args.shapes = args.shapes or ("7b" if cuda else "small")
@@ -589,6 +692,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.summarize:
+        print(summarize(args.summarize))
+        return
     args.start = time.monotonic()
     cuda = args.device.startswith("cuda")
     if not cuda:

@@ -38,12 +38,33 @@ def cpu_model_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def cpu_identity() -> str:
+    """`family F model M stepping S, N MHz` from /proc/cpuinfo (virtual machines often hide the model name)."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("cpu family", "model", "stepping", "cpu MHz") and key not in fields:
+                    fields[key] = value.strip()
+                if not line.strip() and fields:
+                    break
+    except OSError:
+        return ""
+    if not fields:
+        return ""
+    mhz = fields.get("cpu MHz", "?").split(".")[0]
+    return f"family {fields.get('cpu family', '?')} model {fields.get('model', '?')} stepping {fields.get('stepping', '?')}, {mhz} MHz"
+
+
 def machine_info(device: str) -> dict:
     """What the figures were measured on: CPU model and threads, GPU kind, library versions."""
     import transformers
 
     info = {
         "cpu": cpu_model_name(),
+        "cpu_id": cpu_identity(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
