@@ -149,7 +149,7 @@ def compare(
 
 def paired_ratio(result: dict, a: str, b: str, key: str = "times") -> float:
     """Median over repeats of time(a) / time(b), each pair measured back to back (robust to slow load changes)."""
-    pairs = [x / y for x, y in zip(result[a][key], result[b][key]) if y > 0]
+    pairs = [x / y for x, y in zip(result[a][key], result[b][key], strict=True) if y > 0]
     return statistics.median(pairs) if pairs else float("nan")
 
 
