@@ -297,6 +297,8 @@ def add_demo_subparser(subparsers) -> argparse.ArgumentParser:
                       help="LLaVA-layout instruction JSON for phase 2 (default: the demo's questions)")
     real.add_argument("--image-folder", default=None, help="folder that --data / --instruct-data images live in")
     real.add_argument("--device", default=None, help="cpu, cuda, ... (default: what the Trainer picks)")
+    parser.add_argument("--threads", type=_positive_int, default=None,
+                        help="torch CPU threads (default: 1 with the built-in tiny models, else torch's default)")
     parser.set_defaults(func=run_demo)
     return parser
 
@@ -311,35 +313,76 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- other modules
-# name -> (module, register function, run function, help shown when the module is not available)
+# name -> (module, register function, help): subcommands that other modules of the package define
 EXTERNAL = {
     "levels": ("alignment_levels", "add_levels_subparser", "CLIP-score pairs and bucket them into alignment levels"),
     "pretrain": ("training", "add_pretrain_subparser", "phase 1: pre-train projector and alignment embeddings"),
-    "sft": ("training", "add_sft_subparser", "phase 2: instruction tuning with TRL"),
+    "sft": ("training", "add_sft_subparser", "phase 2: instruction tuning (projector, gate, LLM) with TRL"),
     "convert": ("convert", "add_convert_subparser", "convert a checkpoint of the original AlignGPT code"),
 }
+# subcommands that fall back to a script of the source checkout's examples/ when the package does not define them
+EXAMPLE_SCRIPTS = {"pretrain": "pretrain.py", "sft": "sft.py"}
 
 
-def _add_external(subparsers, name: str) -> None:
-    module_name, register, help_text = EXTERNAL[name]
+def _examples_dir():
+    from pathlib import Path
+
+    return Path(__file__).resolve().parents[2] / "examples"  # src/transformers_aligngpt/cli.py -> repo root
+
+
+def _external_register(name: str):
+    """The module's `add_*_subparser`, or the reason it is not there."""
+    module_name, register, _ = EXTERNAL[name]
     try:
         module = importlib.import_module(f"{__package__}.{module_name}")
-        add = getattr(module, register)
-    except (ModuleNotFoundError, AttributeError) as error:
-        if isinstance(error, ModuleNotFoundError) and error.name != f"{__package__}.{module_name}":
+    except ModuleNotFoundError as error:
+        if error.name != f"{__package__}.{module_name}":
             raise  # a dependency of an existing module is missing: that is a real error
-        parser = subparsers.add_parser(name, help=f"{help_text} (not available in this install)",
-                                       description=f"{help_text}. Not available: {error}.")
-        parser.set_defaults(func=_unavailable(name, error))
+        return None, error
+    add = getattr(module, register, None)
+    return add, None if add else f"{module_name}.py has no {register}()"
+
+
+def _add_external(subparsers, name: str, passthrough: set) -> None:
+    add, reason = _external_register(name)
+    if add is not None:
+        add(subparsers)
         return
-    add(subparsers)
+    help_text = EXTERNAL[name][2]
+    script = _examples_dir() / EXAMPLE_SCRIPTS[name] if name in EXAMPLE_SCRIPTS else None
+    if script is not None and script.is_file():
+        # every flag goes to the script's own parser (`aligngpt pretrain --help` prints its flags)
+        subparsers.add_parser(name, help=help_text, add_help=False,
+                              description=f"{help_text}; runs examples/{script.name} with the flags given")
+        passthrough.add(name)
+        return
+    parser = subparsers.add_parser(name, help=f"{help_text} (not available in this install)",
+                                   description=f"{help_text}. Not available: {reason}.")
+    parser.set_defaults(func=_unavailable(name, reason))
 
 
-def _unavailable(name, error):
+def _unavailable(name, reason):
     def run(args):
-        raise CommandError(f"`aligngpt {name}` is not available in this install ({error})")
+        raise CommandError(f"`aligngpt {name}` is not available in this install ({reason})")
 
     return run
+
+
+def run_example_script(name: str, argv: list[str]) -> int:
+    """Runs examples/<script>.py's `main(argv)` with `aligngpt <name>` as its program name."""
+    import importlib.util
+
+    path = _examples_dir() / EXAMPLE_SCRIPTS[name]
+    spec = importlib.util.spec_from_file_location(f"aligngpt_example_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    saved = sys.argv[0]
+    sys.argv[0] = f"aligngpt {name}"  # argparse's prog, for usage lines and errors
+    try:
+        module.main(list(argv))
+    finally:
+        sys.argv[0] = saved
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------- parser
@@ -365,18 +408,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"transformers-aligngpt {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="<subcommand>", title="subcommands")
+    parser.passthrough = set()  # subcommands whose flags all go to an example script
     add_demo_subparser(subparsers)
-    _add_external(subparsers, "levels")
-    _add_external(subparsers, "pretrain")
-    _add_external(subparsers, "sft")
+    _add_external(subparsers, "levels", parser.passthrough)
+    _add_external(subparsers, "pretrain", parser.passthrough)
+    _add_external(subparsers, "sft", parser.passthrough)
     add_chat_subparser(subparsers)
-    _add_external(subparsers, "convert")
+    _add_external(subparsers, "convert", parser.passthrough)
     add_push_subparser(subparsers)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import logging
+
+    # bitsandbytes (imported with TRL) warns on every start that an optional CPU kernel package is missing
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in parser.passthrough:
+        return run_example_script(argv[0], argv[1:])
     args, unknown = parser.parse_known_args(argv)
     if args.command is None:
         parser.print_help()
