@@ -1,6 +1,5 @@
 """The `aligngpt` command line: help for every subcommand, clear errors, chat over stdin, push --dry-run."""
 
-import io
 import os
 import subprocess
 import sys
@@ -8,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import chat
 from huggingface_hub import ModelCard
 
-from conftest import chat
 from transformers_aligngpt.cli import ChatSession, build_parser, main
 
 SUBCOMMANDS = ["demo", "levels", "pretrain", "sft", "chat", "convert", "push"]
@@ -20,12 +19,12 @@ BIN = Path(sys.executable).parent
 def run_cli(*args, stdin=None, timeout=300):
     exe = BIN / "aligngpt"
     command = [str(exe)] if exe.exists() else [sys.executable, "-m", "transformers_aligngpt"]
-    return subprocess.run(command + list(args), input=stdin, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(command + list(args), input=stdin, check=False, capture_output=True, text=True, timeout=timeout)
 
 
 def test_console_script_and_module_list_every_subcommand():
     for result in (run_cli("--help"), subprocess.run([sys.executable, "-m", "transformers_aligngpt", "--help"],
-                                                     capture_output=True, text=True, timeout=300)):
+                                                     check=False, capture_output=True, text=True, timeout=300)):
         assert result.returncode == 0, result.stderr
         for name in SUBCOMMANDS:
             assert f"\n    {name} " in result.stdout, name

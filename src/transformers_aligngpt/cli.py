@@ -251,8 +251,8 @@ def run_push(args: argparse.Namespace) -> int:
 
     from .hub import prepare_push_folder, push_to_hub
 
-    card = dict(model_name=args.model_name, license=args.license, base_models=args.base_models,
-                datasets=args.datasets, tags=args.tags, eval_results=eval_results)
+    card = {"model_name": args.model_name, "license": args.license, "base_models": args.base_models,
+                "datasets": args.datasets, "tags": args.tags, "eval_results": eval_results}
     if args.dry_run:
         folder = prepare_push_folder(args.model, args.staging_dir, args.repo_id, card_info=args.card_info, **card)
         print(f"Staged {args.repo_id} in {folder} (dry run: nothing uploaded). Files:")

@@ -148,7 +148,7 @@ def normalize_eval_results(results: Any) -> list[dict[str, Any]]:
                 rows.append({"task": task, "metric": "score", "value": float(metrics)})
                 continue
             if not isinstance(metrics, Mapping):
-                raise ValueError(f"evaluation results for {task!r} must be a number or a mapping, got {metrics!r}")
+                raise TypeError(f"evaluation results for {task!r} must be a number or a mapping, got {metrics!r}")
             for metric, value in metrics.items():
                 name = metric.split(",")[0]
                 if name.endswith("_stderr") or isinstance(value, bool) or not isinstance(value, (int, float)):

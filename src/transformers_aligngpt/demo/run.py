@@ -21,6 +21,7 @@ Everything is deterministic for a given `--seed` (up to floating-point differenc
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -39,9 +40,9 @@ from . import scenes
 # tiny backbones (built from configs when no model id is given)
 # 48 px scenes cut into 3 x 3 patches of 16 px: one image token per cell of the scenes' 3 x 3 grid
 TINY_IMAGE_SIZE, TINY_PATCH_SIZE = 48, 16
-TINY_VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4)
-TINY_TEXT_LM = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-                    num_key_value_heads=2, max_position_embeddings=512)
+TINY_VISION = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4}
+TINY_TEXT_LM = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "max_position_embeddings": 512}
 TINY_GATE_HIDDEN = 64
 
 
@@ -210,7 +211,14 @@ def _clip_tokenizer(texts):
     """A BPE tokenizer for the tiny CLIP text tower: captions end with `<|endoftext|>`, whose position CLIP pools."""
     import string
 
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<|endoftext|>", "<pad>", "<unk>"]
@@ -286,9 +294,11 @@ def train_tiny_clip(output: Path, settings: DemoSettings, seed: int, device, sta
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     tokenizer = _clip_tokenizer(scenes.demo_corpus())
-    text_config = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                       num_attention_heads=4, max_position_embeddings=64, eos_token_id=tokenizer.eos_token_id,
-                       bos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    text_config = {
+        "vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3,
+        "num_attention_heads": 4, "max_position_embeddings": 64, "eos_token_id": tokenizer.eos_token_id,
+        "bos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+    }
     vision_config = dict(image_size=TINY_IMAGE_SIZE, patch_size=TINY_PATCH_SIZE, **TINY_VISION)
     config = CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=64)
     _set_seed(seed)
@@ -317,17 +327,12 @@ def train_tiny_clip(output: Path, settings: DemoSettings, seed: int, device, sta
 def assign_demo_levels(data, clip: str, num_levels: int, output: Path, device, start: float) -> dict[str, Any]:
     """CLIP scores -> `alignment_level` on the pre-training pairs (or the file's own levels); returns a report."""
     import numpy as np
-    from transformers import AutoModel, AutoTokenizer
 
-    from ..alignment_levels import _load_image_processor, add_alignment_levels, score_pairs
+    from ..alignment_levels import add_alignment_levels, score_pairs
 
     pretrain = data["pretrain"]
-    model = AutoModel.from_pretrained(clip).eval()
-    tokenizer = AutoTokenizer.from_pretrained(clip)
-    image_processor = _load_image_processor(clip)
-    scored = score_pairs(pretrain, clip, model=model, tokenizer=tokenizer, image_processor=image_processor,
-                         image_column="images", text_column="caption", id_column="id", batch_size=64,
-                         num_workers=0, device=device or "cpu", cache_dir=output / "runs" / "clip_scores",
+    scored = score_pairs(pretrain, clip, image_column="images", text_column="caption", id_column="id",
+                         batch_size=64, num_workers=0, device=device, cache_dir=output / "runs" / "clip_scores",
                          progress=True)
     if len(scored) < len(pretrain):
         _say(f"{len(pretrain) - len(scored)} pairs could not be scored and are left out")
@@ -352,7 +357,7 @@ def assign_demo_levels(data, clip: str, num_levels: int, output: Path, device, s
     if quality is not None:
         rho = _spearman(scores, quality)
         means = [r["mean caption quality"] for r in rows]
-        increasing = all(b >= a for a, b in zip(means, means[1:]))
+        increasing = all(b >= a for a, b in itertools.pairwise(means))
         report.update(spearman=round(rho, 3), monotonic=increasing)
         _say(f"caption quality (0 = unrelated ... {scenes.NUM_QUALITIES - 1} = exact) vs CLIP score: Spearman "
              f"{rho:.2f}; mean quality per level {'increases' if increasing else 'does NOT increase'} with the level")
@@ -397,7 +402,12 @@ def lm_texts(data) -> list[str]:
 def train_tiny_language_model(data, output: Path, settings, seed: int, device, start: float, curves: dict) -> Path:
     """A tiny Llama from a config (tokenizer: BPE trained on the demo's texts), warmed up on those texts; saved."""
     from datasets import Dataset
-    from transformers import DataCollatorForLanguageModeling, LlamaForCausalLM, Trainer, TrainingArguments
+    from transformers import (
+        DataCollatorForLanguageModeling,
+        LlamaForCausalLM,
+        Trainer,
+        TrainingArguments,
+    )
 
     from ..tiny import build_tiny_tokenizer, tiny_text_config
 
@@ -683,6 +693,9 @@ def run_demo(args: Namespace) -> dict[str, Any]:
     _say(f"checkpoint: {checkpoint}", start)
 
     questions = data["questions"]
+    (output / "held_out").mkdir(exist_ok=True)
+    for i, q in enumerate(questions):  # so that `aligngpt chat --image` has something to look at
+        q["image"].save(output / "held_out" / f"{i}.png")
     answers, gate = answer_questions(model, processor, questions)
     table = []
     for q, a in zip(questions, answers):
@@ -770,17 +783,17 @@ def run_demo(args: Namespace) -> dict[str, Any]:
     (output / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     print()
     _say(f"done in {elapsed:.0f} s. Written to {output}: checkpoint/ (model, processor, card info), "
-         "loss_curves.json + .png, gate_weights.png, answers.json, summary.json")
-    _say(f"next: aligngpt chat --model {checkpoint} --image <a PNG>   |   "
-         f"aligngpt push --model {checkpoint} --repo-id <user/name>")
+         "loss_curves.json + .png, gate_weights.png, answers.json, summary.json, held_out/ (question images)")
+    _say(f"next: aligngpt chat --model {checkpoint} --image {output / 'held_out' / '0.png'}")
+    _say(f"      aligngpt push --model {checkpoint} --repo-id <user/name> [--dry-run --staging-dir DIR]")
     return summary
 
 
 def demo(output: str = "outputs/demo", quick: bool = False, **kwargs) -> dict[str, Any]:
     """Python entry point: the same as `aligngpt demo --output OUTPUT [--quick] ...`."""
-    defaults = dict(seed=0, num_levels=8, threads=None, clip=None, vision_tower=None, language_model=None, data=None,
-                    instruct_data=None, image_folder=None, device=None)
+    defaults = {"seed": 0, "num_levels": 8, "threads": None, "clip": None, "vision_tower": None, "language_model": None, "data": None,
+                    "instruct_data": None, "image_folder": None, "device": None}
     return run_demo(Namespace(output=output, quick=quick, **{**defaults, **kwargs}))
 
 
-__all__ = ["DemoSettings", "FULL", "QUICK", "demo", "run_demo", "held_out_questions"]
+__all__ = ["FULL", "QUICK", "DemoSettings", "demo", "held_out_questions", "run_demo"]
