@@ -686,7 +686,7 @@ def parse_args(argv=None):
         args.image_size = 112  # 64 image tokens instead of 576: same code paths, a fifth of the sequence
     args.new_tokens = args.new_tokens or (64 if cuda else (8 if quick else 32))
     args.repeats = args.repeats or (11 if cuda else (3 if quick else 7))
-    args.train_repeats = args.train_repeats or (2 if cuda or quick else 5)
+    args.train_repeats = args.train_repeats or (2 if cuda else (1 if quick else 5))
     args.gen_repeats = args.gen_repeats or (2 if cuda or quick else 5)
     args.checkpointing = args.checkpointing == "on" or (args.checkpointing == "auto" and args.shapes == "7b")
     # rough seconds per case on an H100 at 7B shapes, for --budget-s (batch > 4 doubles them)
