@@ -274,11 +274,13 @@ def add_demo_subparser(subparsers) -> argparse.ArgumentParser:
         "demo",
         help="the whole method end to end on the built-in demo data (a few minutes on a CPU)",
         description=(
-            "Builds a tiny AlignGPT from configs (a CLIP-like tower and a small Llama), trains a tiny CLIP to score "
-            "the demo's captions, assigns alignment levels, runs phase 1 (pre-training) and phase 2 (instruction "
-            "tuning), saves a checkpoint, answers questions about held-out images and shows the gate's weights per "
-            "level (table + PNG). Loss curves are written as JSON and PNG. Nothing is downloaded. With model ids or "
-            "data paths the same pipeline runs on real models / data."
+            "On the demo data that ships with the package (synthetic scenes with captions of known quality): "
+            "trains a tiny CLIP built from a config to score the captions, assigns alignment levels, builds a tiny "
+            "AlignGPT (the CLIP's image tower + a tiny Llama built from a config and warmed up on the demo texts), "
+            "runs phase 1 (pre-training with levels) and phase 2 (instruction tuning, TRL), saves a checkpoint, "
+            "answers questions about held-out images and shows the gate's weights per level (table + PNG). Loss "
+            "curves are written as JSON and PNG. Nothing is downloaded; about 2-4 minutes on 2 CPU cores. With model "
+            "ids or data paths the same pipeline runs on real models / data (the paper's learning rates then)."
         ),
         epilog="example: aligngpt demo --output outputs/demo",
     )
@@ -289,7 +291,8 @@ def add_demo_subparser(subparsers) -> argparse.ArgumentParser:
     real = parser.add_argument_group("real models and data (default: tiny models from configs, built-in data)")
     real.add_argument("--clip", default=None, help="CLIP/SigLIP scorer id or folder (default: train a tiny CLIP)")
     real.add_argument("--vision-tower", default=None, help="vision tower id or folder, e.g. "
-                      "openai/clip-vit-large-patch14-336 (default: a tiny CLIP vision config)")
+                      "openai/clip-vit-large-patch14-336 (default: the image tower of the --clip scorer, as in "
+                      "AlignGPT)")
     real.add_argument("--language-model", default=None, help="causal LM id or folder, e.g. lmsys/vicuna-7b-v1.5 "
                       "(default: a tiny Llama config with a BPE tokenizer trained on the demo texts)")
     real.add_argument("--data", default=None, help="LLaVA-layout pre-training JSON (captions) instead of the demo's")
