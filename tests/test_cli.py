@@ -69,6 +69,20 @@ def test_no_subcommand_prints_help(capsys):
         (["demo", "--data", "x.json"], "--data / --instruct-data need --image-folder"),
         (["demo", "--num-levels", "two"], "expected a positive integer, got 'two'"),
         (["frobnicate"], "aligngpt: error: argument <subcommand>: invalid choice: 'frobnicate'"),
+        (["pretrain", "--bogus"], "aligngpt pretrain: error: unrecognized arguments: --bogus"),
+        (["pretrain", "--num-levels", "0"], "--num-levels/--num-alignment-levels: expected a positive integer"),
+        (["pretrain", "--language-model", "lmsys/vicuna-7b-v1.5"], "--language-model and --vision-tower go together"),
+        (["pretrain", "--model", "./no/such/checkpoint"], "--model ./no/such/checkpoint: no such folder"),
+        (["pretrain", "--data", "/no/such/data.json"], "--data /no/such/data.json: no such file or folder"),
+        (["pretrain", "--image-folder", "/no/such/folder", "--data", "/"], "--image-folder /no/such/folder: no such"),
+        (["sft", "--use-peft", "--max-steps", "x"], "argument --max-steps: invalid int value: 'x'"),
+        (["sft", "--load-in-4bit"], "aligngpt sft: error: --load-in-4bit trains an adapter: add --use-peft"),
+        (["sft", "--use-peft", "--load-in-4bit", "--language-model", "a", "--vision-tower", "b"],
+         "--load-in-4bit loads a saved AlignGPT checkpoint"),
+        (["sft", "--model", "m/x", "--vision-model", "b", "--text-model", "a"], "give one or the other"),
+        (["sft", "--gate-text-scope", "answers"], "argument --gate-text-scope: invalid choice: 'answers'"),
+        (["sft", "--merge"], "--merge merges a LoRA adapter: add --use-peft"),
+        (["sft", "--pretrain-artifact", "/no/such/mm_projector_align.safetensors"], "no such file or folder"),
     ],
 )
 def test_bad_flags_give_clear_errors(argv, message, capsys):
@@ -147,3 +161,131 @@ def test_push_dry_run_writes_the_upload_folder(checkpoint, tmp_path):
         "configuration_aligngpt.py", "modeling_aligngpt.py", "processing_aligngpt.py"
     ]
     assert os.path.getsize(stage / "model.safetensors") > 0
+
+
+# ---------------------------------------------------------------------------------------------- pretrain / sft
+@pytest.mark.parametrize("name, trains", [("pretrain", "trains only the projector and the N alignment embeddings"),
+                                          ("sft", "trains the projector, the alignment gate and the LLM")])
+def test_training_help_says_what_is_trained_and_shows_examples(name, trains, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([name, "--help"])
+    assert exit_info.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # the description is wrapped
+    assert trains in out
+    assert "examples: offline, tiny model and built-in data" in out and f"aligngpt {name} --max-steps 20 --output" in out
+    for flag in ("--model", "--language-model", "--vision-tower", "--num-levels", "--data", "--image-folder",
+                 "--output DIR, --output-dir DIR"):
+        assert flag in out, flag
+
+
+def test_training_flags_match_the_other_subcommands_and_keep_the_old_names():
+    parser = build_parser()
+    new = parser.parse_args(["pretrain", "--output", "o", "--language-model", "lm", "--vision-tower", "vt",
+                             "--num-levels", "3", "--data", "d.json", "--image-folder", "imgs"])
+    old = parser.parse_args(["pretrain", "--output-dir", "o", "--text-model", "lm", "--vision-model", "vt",
+                             "--num-alignment-levels", "3", "--data", "d.json", "--image-folder", "imgs"])
+    assert vars(new) == vars(old)
+    assert (new.output, new.language_model, new.vision_tower, new.num_levels) == ("o", "lm", "vt", 3)
+    sft = parser.parse_args(["sft", "--model-name-or-path", "ckpt", "--output-dir", "o", "--use-peft"])
+    assert (sft.model, sft.output, sft.use_peft, sft.load_in_4bit) == ("ckpt", "o", True, False)
+    assert parser.parse_args(["sft"]).output == "runs/aligngpt-sft"
+    assert parser.parse_args(["pretrain"]).output == "runs/aligngpt-pretrain"
+
+
+def test_examples_are_the_package_commands(tmp_path):
+    """examples/*.py only call the package: the same parser, so the same flags and errors."""
+    root = Path(__file__).resolve().parents[1]
+    for script in ("pretrain.py", "sft.py"):
+        result = subprocess.run([sys.executable, str(root / "examples" / script), "--num-levels", "0"],
+                                check=False, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2
+        assert f"{script}: error: argument --num-levels/--num-alignment-levels: expected a positive integer" in (
+            result.stderr)
+
+
+def test_pretrain_refuses_levels_outside_the_model_before_training(tmp_path, capsys):
+    import json
+
+    record = {"id": "0", "image": "a.png", "similarity": 7,
+              "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "a red square"}]}
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([record]))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["pretrain", "--data", str(data), "--image-folder", str(tmp_path), "--num-levels", "5",
+              "--output", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: aligngpt pretrain")
+    assert "aligngpt pretrain: error: alignment_level must lie in 0..4 (the model has 5 alignment levels)" in err
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def run_module(*args, cwd):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               OMP_NUM_THREADS="1", WANDB_DISABLED="true", HF_MODULES_CACHE=str(cwd / "hf_modules"))
+    return subprocess.run([sys.executable, "-m", "transformers_aligngpt", *args], check=False, capture_output=True,
+                          text=True, timeout=300, env=env, cwd=cwd)
+
+
+def load_checkpoint(path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    return AutoModelForImageTextToText.from_pretrained(path).eval(), AutoProcessor.from_pretrained(path)
+
+
+def tiny_start(**config_kwargs):
+    """The model `aligngpt pretrain` / `sft` start from without model flags (seed 0)."""
+    from transformers_aligngpt.demo import demo_corpus
+    from transformers_aligngpt.tiny import build_tiny_model
+
+    return build_tiny_model(texts=demo_corpus(), seed=0, **config_kwargs)[0]
+
+
+def answers(model, processor, image):
+    prompt = processor.apply_chat_template(chat("What is shown?"), add_generation_prompt=True)
+    inputs = processor(images=image, text=prompt, return_tensors="pt")
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=3, do_sample=False).shape[1] > inputs["input_ids"].shape[1]
+
+
+def changed(before, after, prefix):
+    keys = [key for key in before if key.startswith(prefix)]
+    assert keys, prefix
+    return any(not torch.equal(before[key], after[key]) for key in keys)
+
+
+def test_pretrain_then_sft_end_to_end_with_python_m(tmp_path, images):
+    from safetensors.torch import load_file
+
+    from transformers_aligngpt.demo import NUM_QUALITIES
+
+    result = run_module("pretrain", "--max-steps", "2", "--output", "phase1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert '{"world_size": 1, "global_step": 2}' in result.stdout
+    model, processor = load_checkpoint(tmp_path / "phase1")
+    assert model.config.num_alignment_levels == NUM_QUALITIES
+    start, trained = tiny_start(num_alignment_levels=NUM_QUALITIES).state_dict(), model.state_dict()
+    # phase 1 trains the projector and the alignment embeddings, and nothing else
+    assert changed(start, trained, "model.multi_modal_projector.") and changed(start, trained, "model.alignment_emb")
+    for prefix in ("model.language_model.", "model.vision_tower.", "model.alignment_gate.", "lm_head."):
+        assert not changed(start, trained, prefix), prefix
+    artefact = load_file(tmp_path / "phase1" / "mm_projector_align.safetensors")
+    assert torch.equal(artefact["model.alignment_embeddings.weight"], trained["model.alignment_embeddings.weight"])
+    assert answers(model, processor, images[0])
+
+    # phase 2 from the built-in tiny model, and from the phase-1 checkpoint (with the old flag names)
+    result = run_module("sft", "--max-steps", "2", "--output", "phase2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "phase-2 model saved to phase2" in result.stdout
+    model, processor = load_checkpoint(tmp_path / "phase2")
+    start, tuned = tiny_start().state_dict(), model.state_dict()
+    assert changed(start, tuned, "model.alignment_gate.") and changed(start, tuned, "model.language_model.")
+    assert not changed(start, tuned, "model.alignment_embeddings.") and not changed(start, tuned, "model.vision_tower.")
+    assert answers(model, processor, images[1])
+
+    result = run_module("sft", "--max-steps", "2", "--model-name-or-path", "phase1", "--output-dir", "phase2b",
+                        cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    tuned = load_checkpoint(tmp_path / "phase2b")[0].state_dict()
+    assert torch.equal(tuned["model.alignment_embeddings.weight"], trained["model.alignment_embeddings.weight"])
+    assert changed(trained, tuned, "model.alignment_gate.")

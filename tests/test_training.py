@@ -545,7 +545,7 @@ def test_examples_run_offline(tmp_path):
     common = ["--max-steps", "2", "--num-rows", "8", "--per-device-train-batch-size", "4", "--lora-r", "4"]
     trainer = sft["main"](["--output-dir", str(tmp_path / "full"), *common])
     assert trainer.state.global_step == 2 and (tmp_path / "full" / "model.safetensors").exists()
-    trainer = sft["main"](["--output-dir", str(tmp_path / "qlora"), "--use-peft", "--load-in-4bit", "--merge", *common])
+    trainer = sft["main"](["--output", str(tmp_path / "qlora"), "--use-peft", "--load-in-4bit", "--merge", *common])
     assert trainer.state.global_step == 2
     assert (tmp_path / "qlora" / "adapter_model.safetensors").exists()
     assert (tmp_path / "qlora" / "merged" / "model.safetensors").exists()

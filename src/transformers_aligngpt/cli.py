@@ -319,19 +319,10 @@ def run_demo(args: argparse.Namespace) -> int:
 # name -> (module, register function, help): subcommands that other modules of the package define
 EXTERNAL = {
     "levels": ("alignment_levels", "add_levels_subparser", "CLIP-score pairs and bucket them into alignment levels"),
-    "pretrain": ("training", "add_pretrain_subparser", "phase 1: pre-train projector and alignment embeddings"),
-    "sft": ("training", "add_sft_subparser", "phase 2: instruction tuning (projector, gate, LLM) with TRL"),
+    "pretrain": ("recipes", "add_pretrain_subparser", "phase 1: pre-train projector and alignment embeddings"),
+    "sft": ("recipes", "add_sft_subparser", "phase 2: instruction tuning (projector, gate, LLM) with TRL"),
     "convert": ("convert", "add_convert_subparser", "convert a checkpoint of the original AlignGPT code"),
 }
-# subcommands that fall back to a script of the source checkout's examples/ when the package does not define them
-EXAMPLE_SCRIPTS = {"pretrain": "pretrain.py", "sft": "sft.py"}
-
-
-def _examples_dir():
-    from pathlib import Path
-
-    return Path(__file__).resolve().parents[2] / "examples"  # src/transformers_aligngpt/cli.py -> repo root
-
 
 def _external_register(name: str):
     """The module's `add_*_subparser`, or the reason it is not there."""
@@ -346,19 +337,12 @@ def _external_register(name: str):
     return add, None if add else f"{module_name}.py has no {register}()"
 
 
-def _add_external(subparsers, name: str, passthrough: set) -> None:
+def _add_external(subparsers, name: str) -> None:
     add, reason = _external_register(name)
     if add is not None:
         add(subparsers)
         return
     help_text = EXTERNAL[name][2]
-    script = _examples_dir() / EXAMPLE_SCRIPTS[name] if name in EXAMPLE_SCRIPTS else None
-    if script is not None and script.is_file():
-        # every flag goes to the script's own parser (`aligngpt pretrain --help` prints its flags)
-        subparsers.add_parser(name, help=help_text, add_help=False,
-                              description=f"{help_text}; runs examples/{script.name} with the flags given")
-        passthrough.add(name)
-        return
     parser = subparsers.add_parser(name, help=f"{help_text} (not available in this install)",
                                    description=f"{help_text}. Not available: {reason}.")
     parser.set_defaults(func=_unavailable(name, reason))
@@ -369,23 +353,6 @@ def _unavailable(name, reason):
         raise CommandError(f"`aligngpt {name}` is not available in this install ({reason})")
 
     return run
-
-
-def run_example_script(name: str, argv: list[str]) -> int:
-    """Runs examples/<script>.py's `main(argv)` with `aligngpt <name>` as its program name."""
-    import importlib.util
-
-    path = _examples_dir() / EXAMPLE_SCRIPTS[name]
-    spec = importlib.util.spec_from_file_location(f"aligngpt_example_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    saved = sys.argv[0]
-    sys.argv[0] = f"aligngpt {name}"  # argparse's prog, for usage lines and errors
-    try:
-        module.main(list(argv))
-    finally:
-        sys.argv[0] = saved
-    return 0
 
 
 # ---------------------------------------------------------------------------------------------- parser
@@ -411,13 +378,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"transformers-aligngpt {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="<subcommand>", title="subcommands")
-    parser.passthrough = set()  # subcommands whose flags all go to an example script
     add_demo_subparser(subparsers)
-    _add_external(subparsers, "levels", parser.passthrough)
-    _add_external(subparsers, "pretrain", parser.passthrough)
-    _add_external(subparsers, "sft", parser.passthrough)
+    _add_external(subparsers, "levels")
+    _add_external(subparsers, "pretrain")
+    _add_external(subparsers, "sft")
     add_chat_subparser(subparsers)
-    _add_external(subparsers, "convert", parser.passthrough)
+    _add_external(subparsers, "convert")
     add_push_subparser(subparsers)
     return parser
 
@@ -429,8 +395,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in parser.passthrough:
-        return run_example_script(argv[0], argv[1:])
     args, unknown = parser.parse_known_args(argv)
     if args.command is None:
         parser.print_help()

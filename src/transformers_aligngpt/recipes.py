@@ -1,0 +1,532 @@
+"""The two training phases of AlignGPT as commands: `aligngpt pretrain` (phase 1) and `aligngpt sft` (phase 2).
+
+Each phase has an argument parser (`add_pretrain_arguments` / `add_sft_arguments`), a run function that trains and
+saves (`run_pretrain` / `run_sft`, returning the trainer), a `*_main(argv)` for scripts (`examples/pretrain.py`,
+`examples/sft.py`, `accelerate launch`) and an `add_*_subparser` for the `aligngpt` command line. Without model or
+data flags both phases run offline on a tiny random model and the built-in synthetic data.
+
+Only `argparse` is imported at module level: torch, transformers and TRL are imported when a phase runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+
+from .cli import CommandError, _positive_int
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Wraps each paragraph of the description; keeps blocks with line breaks (the example commands) as written."""
+
+    def _fill_text(self, text, width, indent):
+        import textwrap
+
+        blocks = []
+        for block in text.split("\n\n"):
+            if "\n" in block.strip("\n"):
+                blocks.append(textwrap.indent(block, indent))
+            else:
+                blocks.append(textwrap.fill(" ".join(block.split()), width, initial_indent=indent,
+                                            subsequent_indent=indent))
+        return "\n\n".join(blocks)
+
+
+# ---------------------------------------------------------------------------------------------- phase 1
+PRETRAIN_HELP = "phase 1: pre-train the projector and the alignment embeddings on image-caption pairs with levels"
+PRETRAIN_DESCRIPTION = (
+    "Phase 1 of AlignGPT (AlignGPTPretrainer): trains only the projector and the N alignment embeddings; the vision "
+    "tower and the LLM stay frozen. Every image-caption pair carries its alignment level (0..N-1, from CLIP scores: "
+    "see `aligngpt levels`) and the model learns which embedding goes with which quality of caption; the loss is on "
+    "the caption. The output folder holds a full checkpoint (model + processor, loadable with "
+    "AutoModelForImageTextToText / AutoProcessor) and mm_projector_align.safetensors (projector + alignment "
+    "embeddings), which `aligngpt sft --pretrain-artifact` reads.\n\n"
+    "Without --model / --language-model / --vision-tower a tiny random model is built (nothing is downloaded); "
+    "without --data the built-in synthetic image-caption pairs are used. --data is a LLaVA-layout JSON whose records "
+    "carry `similarity` (the level), or a folder written by datasets' save_to_disk with `images`, `caption` and "
+    "`alignment_level` columns."
+)
+PRETRAIN_EPILOG = """examples:
+  offline, tiny model and built-in data (seconds on a CPU):
+    aligngpt pretrain --max-steps 20 --output runs/pretrain-tiny
+
+  the paper's phase 1 (Vicuna-7B-v1.5 + CLIP ViT-L/14-336, 558K leveled captions, 8 GPUs with ZeRO-2):
+    accelerate launch --config_file examples/accelerate_configs/zero2.yaml -m transformers_aligngpt pretrain \\
+        --language-model lmsys/vicuna-7b-v1.5 --vision-tower openai/clip-vit-large-patch14-336 \\
+        --data blip_laion_cc_sbu_558k_aligngpt.json --image-folder data/LLaVA-Pretrain/images \\
+        --per-device-train-batch-size 32 --learning-rate 1e-3 --num-train-epochs 1 --bf16 \\
+        --output runs/aligngpt-7b-pretrain
+"""
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser, model_help: str, levels_help: str):
+    group = parser.add_argument_group(
+        "model (default: a tiny random model, nothing downloaded)",
+        "either --model, or --language-model with --vision-tower",
+    )
+    group.add_argument("--model", "--model-name-or-path", dest="model", metavar="PATH_OR_ID", help=model_help)
+    group.add_argument("--language-model", "--text-model", dest="language_model", metavar="PATH_OR_ID",
+                       help="causal LM to build a new AlignGPT from, e.g. lmsys/vicuna-7b-v1.5")
+    group.add_argument("--vision-tower", "--vision-model", dest="vision_tower", metavar="PATH_OR_ID",
+                       help="CLIP / SigLIP to build a new AlignGPT from, e.g. openai/clip-vit-large-patch14-336")
+    group.add_argument("--num-levels", "--num-alignment-levels", dest="num_levels", type=_positive_int, default=None,
+                       metavar="N", help=levels_help)
+    return group
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser, title: str, data_help: str):
+    group = parser.add_argument_group(title)
+    group.add_argument("--data", metavar="PATH", help=data_help)
+    group.add_argument("--image-folder", metavar="DIR", help="folder the JSON's `image` paths are relative to")
+    group.add_argument("--num-rows", metavar="N", type=_positive_int, default=64, help="rows of built-in data (64)")
+    return group
+
+
+def _add_training_arguments(parser: argparse.ArgumentParser, output: str):
+    group = parser.add_argument_group("training")
+    group.add_argument("--output", "--output-dir", dest="output", default=output, metavar="DIR",
+                       help=f"folder for the checkpoint ({output})")
+    group.add_argument("--max-steps", metavar="N", type=int, default=-1, help="stop after this many steps (-1: run the epochs)")
+    group.add_argument("--num-train-epochs", metavar="EPOCHS", type=float, default=1.0, help="(1)")
+    group.add_argument("--per-device-train-batch-size", metavar="N", type=_positive_int, default=8, help="(8)")
+    group.add_argument("--gradient-accumulation-steps", metavar="N", type=_positive_int, default=1, help="(1)")
+    group.add_argument("--max-length", metavar="N", type=_positive_int, default=2048, help="tokens per row (2048)")
+    group.add_argument("--save-steps", metavar="N", type=_positive_int, default=500, help="checkpoint every this many steps (500)")
+    group.add_argument("--logging-steps", metavar="N", type=_positive_int, default=1, help="(1)")
+    group.add_argument("--seed", metavar="N", type=int, default=0, help="(0)")
+    group.add_argument("--dataloader-num-workers", metavar="N", type=int, default=0, help="(0)")
+    group.add_argument("--report-to", metavar="NAME", default="none", help="wandb, tensorboard, ... (none)")
+    return group
+
+
+def add_pretrain_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    _add_model_arguments(
+        parser,
+        model_help="an AlignGPT checkpoint (folder or Hub id) to continue from",
+        levels_help="number of alignment levels of a new model (8; the tiny model: 5, the grades of the built-in "
+        "captions)",
+    )
+    _add_data_arguments(parser, "data (default: built-in synthetic image-caption pairs)",
+                        "LLaVA-layout JSON with `similarity`, or a save_to_disk folder")
+    train = _add_training_arguments(parser, "runs/aligngpt-pretrain")
+    train.add_argument("--learning-rate", metavar="LR", type=float, default=1e-3, help="(1e-3, the paper's)")
+    train.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPUs)")
+    train.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations to save memory")
+    return parser
+
+
+def pretrain_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=PRETRAIN_DESCRIPTION, epilog=PRETRAIN_EPILOG,
+                                     formatter_class=_HelpFormatter)
+    return add_pretrain_arguments(parser)
+
+
+def _check_model_flags(args) -> None:
+    if args.model and (args.language_model or args.vision_tower):
+        raise CommandError(
+            "--model loads a whole AlignGPT checkpoint, --language-model / --vision-tower build a new one: give one "
+            "or the other"
+        )
+    if bool(args.language_model) != bool(args.vision_tower):
+        raise CommandError("--language-model and --vision-tower go together (a new AlignGPT needs both)")
+    if args.model and _looks_like_path(args.model) and not os.path.exists(args.model):
+        raise CommandError(f"--model {args.model}: no such folder (and not a Hub id)")
+
+
+def _looks_like_path(value: str) -> bool:
+    """A local path rather than a Hub id (`user/name` or `name`), as `aligngpt chat` tells them apart."""
+    return value.startswith((".", "/", "~")) or value.count("/") > 1
+
+
+def _check_data_flags(args) -> None:
+    if args.data and not os.path.exists(args.data):
+        raise CommandError(f"--data {args.data}: no such file or folder")
+    if args.image_folder and not os.path.isdir(args.image_folder):
+        raise CommandError(f"--image-folder {args.image_folder}: no such folder")
+    if args.image_folder and not args.data:
+        raise CommandError("--image-folder goes with --data (the built-in data has its images inline)")
+
+
+def check_pretrain_args(args: argparse.Namespace) -> None:
+    """Raises `CommandError` for flags that cannot work, before anything is loaded."""
+    _check_model_flags(args)
+    _check_data_flags(args)
+
+
+def _dtype(bf16: bool):
+    import torch
+
+    return torch.bfloat16 if bf16 else torch.float32
+
+
+def build_pretrain_model_and_processor(args: argparse.Namespace):
+    """(model, processor) for phase 1: a checkpoint, a new AlignGPT from an LLM and a tower, or the tiny model."""
+    if args.model:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        from . import AlignGPTConfig  # noqa: F401  (registers AlignGPT with the Auto classes)
+
+        model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=_dtype(args.bf16))
+        return model, AutoProcessor.from_pretrained(args.model)
+    if args.language_model:
+        from .training import build_aligngpt_from_pretrained
+
+        # the frozen parts stay in bf16 with --bf16; trained parts are upcast by the trainer's mixed precision
+        return build_aligngpt_from_pretrained(
+            args.language_model, args.vision_tower, num_alignment_levels=args.num_levels or 8, dtype=_dtype(args.bf16)
+        )
+    from .demo import NUM_QUALITIES, demo_corpus
+    from .tiny import build_tiny_model
+
+    # the demo's caption grades (0 = unrelated .. 4 = exact) are the alignment levels of the tiny model
+    return build_tiny_model(texts=demo_corpus(), seed=args.seed, num_alignment_levels=args.num_levels or NUM_QUALITIES)
+
+
+def build_pretrain_dataset(args: argparse.Namespace):
+    if args.data:
+        if os.path.isdir(args.data):
+            from datasets import load_from_disk
+
+            return load_from_disk(args.data)
+        from .data import load_llava_json
+
+        return load_llava_json(args.data, image_folder=args.image_folder)
+    from .demo import build_pretraining_data
+
+    dataset = build_pretraining_data(num_pairs=args.num_rows, image_size=48)
+    return dataset.rename_column("caption_quality", "alignment_level")
+
+
+def run_pretrain(args: argparse.Namespace):
+    """Phase 1 with the parsed flags: trains, saves the checkpoint and the artefact to `args.output`; the trainer."""
+    check_pretrain_args(args)
+    import json
+
+    import torch
+
+    from .training import AlignGPTPretrainer, AlignGPTPretrainingArguments
+
+    # the arguments come first: under DeepSpeed they set up the distributed state the model loading reads
+    training_args = AlignGPTPretrainingArguments(
+        output_dir=args.output,
+        max_steps=args.max_steps,
+        num_train_epochs=args.num_train_epochs,
+        per_device_train_batch_size=args.per_device_train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        learning_rate=args.learning_rate,
+        max_length=args.max_length,
+        save_steps=args.save_steps,
+        logging_steps=args.logging_steps,
+        seed=args.seed,
+        bf16=args.bf16,
+        gradient_checkpointing=args.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if args.gradient_checkpointing else None,
+        dataloader_num_workers=args.dataloader_num_workers,
+        report_to=args.report_to,
+        use_cpu=not torch.cuda.is_available(),
+    )
+    model, processor = build_pretrain_model_and_processor(args)
+    dataset = build_pretrain_dataset(args)
+    try:
+        trainer = AlignGPTPretrainer(model=model, args=training_args, train_dataset=dataset, processing_class=processor)
+    except ValueError as error:  # data that does not fit the model (no levels, levels out of range), before training
+        raise CommandError(str(error)) from error
+    trainer.train()
+    trainer.save_model(args.output)
+    if trainer.is_world_process_zero():
+        print(f"phase-1 checkpoint and mm_projector_align.safetensors saved to {args.output}")
+        print(json.dumps({"world_size": training_args.world_size, "global_step": trainer.state.global_step}))
+    return trainer
+
+
+def pretrain_main(argv: Sequence[str] | None = None, prog: str | None = None):
+    """`examples/pretrain.py`: parses `argv`, runs phase 1 and returns the trainer (bad flags: usage + exit 2)."""
+    parser = pretrain_parser(prog)
+    args = parser.parse_args(argv)
+    try:
+        return run_pretrain(args)
+    except CommandError as error:
+        parser.error(str(error))
+
+
+def add_pretrain_subparser(subparsers) -> argparse.ArgumentParser:
+    """Registers `aligngpt pretrain`."""
+    parser = subparsers.add_parser("pretrain", help=PRETRAIN_HELP, description=PRETRAIN_DESCRIPTION,
+                                   epilog=PRETRAIN_EPILOG, formatter_class=_HelpFormatter)
+    add_pretrain_arguments(parser)
+    parser.set_defaults(func=_pretrain_command)
+    return parser
+
+
+def _pretrain_command(args: argparse.Namespace) -> int:
+    run_pretrain(args)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- phase 2
+SFT_HELP = "phase 2: instruction tuning (projector, gate and LLM; full, LoRA or QLoRA) with TRL"
+SFT_DESCRIPTION = (
+    "Phase 2 of AlignGPT (TRL's SFTTrainer via make_sft_trainer): trains the projector, the alignment gate and the "
+    "LLM on conversations about images (text-only rows mixed in), with the loss on the assistant's answers. The "
+    "vision tower and the alignment embeddings learnt in phase 1 stay frozen; the gate learns to weigh the "
+    "alignment levels for each instruction. --use-peft trains LoRA on the LLM (the gate and the projector fully); "
+    "--load-in-4bit adds QLoRA (the LLM in 4-bit NF4). The output folder holds the model and processor (with "
+    "--use-peft: the adapter, and with --merge a merged model in <output>/merged).\n\n"
+    "Start from a phase-1 checkpoint (--model, the output of `aligngpt pretrain`), or build a new AlignGPT from "
+    "--language-model and --vision-tower and load the phase-1 artefact with --pretrain-artifact. Without model flags "
+    "a tiny random model is built, without --data the built-in synthetic conversations are used (nothing is "
+    "downloaded). --data is a LLaVA-layout JSON (e.g. llava_v1_5_mix665k.json) or a save_to_disk folder with "
+    "`images` and `messages` columns. --gate-text-scope conversation reproduces the original's gate input in training "
+    "(answers included); prompt (the config's default) averages the prompt only, as at inference."
+)
+SFT_EPILOG = """examples:
+  offline, tiny model and built-in data (seconds on a CPU), full or QLoRA:
+    aligngpt sft --max-steps 20 --output runs/sft-tiny
+    aligngpt sft --use-peft --load-in-4bit --max-steps 20 --output runs/sft-tiny-qlora
+    aligngpt sft --model runs/pretrain-tiny --output runs/sft-tiny          # after `aligngpt pretrain`
+
+  the paper's phase 2 (LLaVA-1.5 665K mix, 8 GPUs with ZeRO-3), from Vicuna + CLIP and the phase-1 artefact:
+    accelerate launch --config_file examples/accelerate_configs/zero3.yaml -m transformers_aligngpt sft \\
+        --language-model lmsys/vicuna-7b-v1.5 --vision-tower openai/clip-vit-large-patch14-336 \\
+        --pretrain-artifact runs/aligngpt-7b-pretrain/mm_projector_align.safetensors \\
+        --data llava_v1_5_mix665k.json --image-folder data \\
+        --per-device-train-batch-size 16 --learning-rate 2e-5 --num-train-epochs 1 --bf16 --output runs/aligngpt-7b
+
+  QLoRA on one GPU from a phase-1 checkpoint:
+    aligngpt sft --model runs/aligngpt-7b-pretrain --use-peft --load-in-4bit \\
+        --data llava_v1_5_mix665k.json --image-folder data --bf16 --output runs/aligngpt-7b-qlora
+"""
+
+
+def add_sft_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    model = _add_model_arguments(
+        parser,
+        model_help="an AlignGPT checkpoint (folder or Hub id), e.g. the output of `aligngpt pretrain`",
+        levels_help="number of alignment levels of a model built from --language-model / --vision-tower (default: "
+        "the --pretrain-artifact's, else 8)",
+    )
+    model.add_argument("--pretrain-artifact", metavar="PATH",
+                       help="phase-1 artefact to load: mm_projector_align.safetensors (or the original's .bin), or a "
+                       "folder holding it")
+    model.add_argument("--gate-text-scope", choices=["prompt", "conversation"], default=None,
+                       help="what the gate reads in training (default: the model config's, prompt)")
+    peft = parser.add_argument_group("LoRA / QLoRA")
+    peft.add_argument("--use-peft", action="store_true", help="LoRA on the LLM, gate and projector trained fully")
+    peft.add_argument("--load-in-4bit", action="store_true", help="QLoRA: the LLM in 4-bit NF4 (needs --use-peft)")
+    peft.add_argument("--lora-r", metavar="R", type=_positive_int, default=128, help="(128)")
+    peft.add_argument("--lora-alpha", metavar="ALPHA", type=_positive_int, default=256, help="(256)")
+    peft.add_argument("--lora-dropout", metavar="P", type=float, default=0.05, help="(0.05)")
+    peft.add_argument("--merge", action="store_true", help="also save the adapter merged into the model (<output>/merged)")
+    _add_data_arguments(parser, "data (default: built-in synthetic conversations)",
+                        "LLaVA-layout JSON (e.g. llava_v1_5_mix665k.json) or a save_to_disk folder")
+    train = _add_training_arguments(parser, "runs/aligngpt-sft")
+    train.add_argument("--learning-rate", metavar="LR", type=float, default=None, help="(2e-4 with --use-peft, else 2e-5)")
+    train.add_argument("--bf16", action="store_true", help="bf16 (GPUs; QLoRA always computes in bf16)")
+    train.add_argument("--no-gradient-checkpointing", action="store_true", help="keep activations (faster, more memory)")
+    train.add_argument("--optim", metavar="NAME", default=None, help="optimizer (paged_adamw_8bit with QLoRA on a GPU, else adamw_torch)")
+    return parser
+
+
+def sft_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=SFT_DESCRIPTION, epilog=SFT_EPILOG,
+                                     formatter_class=_HelpFormatter)
+    return add_sft_arguments(parser)
+
+
+def check_sft_args(args: argparse.Namespace) -> None:
+    """Raises `CommandError` for flags that cannot work, before anything is loaded."""
+    _check_model_flags(args)
+    _check_data_flags(args)
+    if args.load_in_4bit and not args.use_peft:
+        raise CommandError("--load-in-4bit trains an adapter: add --use-peft")
+    if args.load_in_4bit and args.language_model:
+        raise CommandError(
+            "--load-in-4bit loads a saved AlignGPT checkpoint: run `aligngpt pretrain` first (its output is a full "
+            "checkpoint) and pass it with --model"
+        )
+    if args.merge and not args.use_peft:
+        raise CommandError("--merge merges a LoRA adapter: add --use-peft (without it the model is saved whole)")
+    if args.pretrain_artifact and not os.path.exists(args.pretrain_artifact):
+        raise CommandError(f"--pretrain-artifact {args.pretrain_artifact}: no such file or folder")
+
+
+def artifact_levels(path) -> int | None:
+    """Number of alignment levels stored in a phase-1 artefact (ours or the original's), or None without one."""
+    if path is None:
+        return None
+    from .training import ORIGINAL_PRETRAINING_ARTIFACT_NAME, PRETRAINING_ARTIFACT_NAME
+
+    if os.path.isdir(path):
+        ours = os.path.join(path, PRETRAINING_ARTIFACT_NAME)
+        path = ours if os.path.exists(ours) else os.path.join(path, ORIGINAL_PRETRAINING_ARTIFACT_NAME)
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            return f.get_slice("model.alignment_embeddings.weight").get_shape()[0]
+    import torch
+
+    state = torch.load(path, weights_only=True)
+    for key in ("align_indicators.indicator_embs", "model.align_indicators.indicator_embs",
+                "model.alignment_embeddings.weight"):
+        if key in state:
+            return state[key].shape[0]
+    raise CommandError(f"--pretrain-artifact {path}: no alignment embeddings in it (not a phase-1 artefact)")
+
+
+def build_sft_model_and_processor(args: argparse.Namespace):
+    """(model, processor) for phase 2: a checkpoint (4-bit with --load-in-4bit), a new AlignGPT, or the tiny model."""
+    import tempfile
+
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from .training import (
+        build_aligngpt_from_pretrained,
+        load_for_qlora,
+        load_pretraining_artifact,
+    )
+
+    dtype = _dtype(args.bf16 or args.load_in_4bit)
+    path = args.model
+    model = None
+    if args.language_model:
+        levels = args.num_levels or artifact_levels(args.pretrain_artifact) or 8
+        model, processor = build_aligngpt_from_pretrained(
+            args.language_model, args.vision_tower, num_alignment_levels=levels, dtype=dtype
+        )
+    elif path is None:
+        from .demo import demo_corpus
+        from .tiny import build_tiny_model
+
+        levels = {"num_alignment_levels": args.num_levels} if args.num_levels else {}
+        model, processor = build_tiny_model(texts=demo_corpus(), seed=args.seed, **levels)
+        if args.load_in_4bit:  # quantisation happens while loading: save the tiny model first
+            path = tempfile.mkdtemp(prefix="aligngpt-tiny-")
+            model.save_pretrained(path)
+            processor.save_pretrained(path)
+    else:
+        processor = AutoProcessor.from_pretrained(path)
+    if args.load_in_4bit:
+        model = load_for_qlora(path, compute_dtype=torch.bfloat16)
+    elif model is None:
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
+    if args.pretrain_artifact:
+        try:
+            load_pretraining_artifact(model, args.pretrain_artifact)
+        except (ValueError, FileNotFoundError) as error:
+            raise CommandError(f"--pretrain-artifact: {error}") from error
+    return model, processor
+
+
+def build_sft_dataset(args: argparse.Namespace):
+    if args.data:
+        if os.path.isdir(args.data):
+            from datasets import load_from_disk
+
+            return load_from_disk(args.data)
+        from .data import load_llava_json
+
+        return load_llava_json(args.data, image_folder=args.image_folder).select_columns(["images", "messages"])
+    from .demo import build_instruction_data
+
+    return build_instruction_data(num_rows=args.num_rows, image_size=48).select_columns(["images", "messages"])
+
+
+def run_sft(args: argparse.Namespace):
+    """Phase 2 with the parsed flags: trains and saves to `args.output` (and `<output>/merged`); the trainer."""
+    check_sft_args(args)
+    import torch
+    from trl import SFTConfig
+
+    from .training import aligngpt_lora_config, make_sft_trainer, merge_qlora_adapter
+
+    on_gpu = torch.cuda.is_available()
+    learning_rate = args.learning_rate or (2e-4 if args.use_peft else 2e-5)
+    optim = args.optim or ("paged_adamw_8bit" if args.load_in_4bit and on_gpu else "adamw_torch")
+    # the arguments come first: under DeepSpeed ZeRO-3 they make from_pretrained shard the weights while loading
+    training_args = SFTConfig(
+        output_dir=args.output,
+        max_steps=args.max_steps,
+        num_train_epochs=args.num_train_epochs,
+        per_device_train_batch_size=args.per_device_train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        learning_rate=learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.03,
+        weight_decay=0.0,
+        max_length=args.max_length,
+        assistant_only_loss=True,
+        save_steps=args.save_steps,
+        logging_steps=args.logging_steps,
+        seed=args.seed,
+        bf16=args.bf16 or args.load_in_4bit,
+        use_cpu=not on_gpu,
+        gradient_checkpointing=not args.no_gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        optim=optim,
+        dataloader_num_workers=args.dataloader_num_workers,
+        report_to=args.report_to,
+    )
+    model, processor = build_sft_model_and_processor(args)
+    dataset = build_sft_dataset(args)
+    peft_config = (
+        aligngpt_lora_config(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout) if args.use_peft else None
+    )
+    try:
+        trainer = make_sft_trainer(model, processor, train_dataset=dataset, args=training_args,
+                                   peft_config=peft_config, gate_text_scope=args.gate_text_scope)
+    except ValueError as error:  # options or data that cannot work (e.g. --max-length cutting images), before training
+        raise CommandError(str(error)) from error
+    trainer.train()
+    trainer.save_model(args.output)
+    if args.merge and trainer.is_world_process_zero():
+        base = args.model or getattr(model, "name_or_path", None)
+        merged = merge_qlora_adapter(base, args.output) if args.load_in_4bit else trainer.model.merge_and_unload()
+        merged.save_pretrained(os.path.join(args.output, "merged"))
+        processor.save_pretrained(os.path.join(args.output, "merged"))
+    if trainer.is_world_process_zero():
+        print(f"phase-2 {'adapter' if args.use_peft else 'model'} saved to {args.output}")
+    return trainer
+
+
+def sft_main(argv: Sequence[str] | None = None, prog: str | None = None):
+    """`examples/sft.py`: parses `argv`, runs phase 2 and returns the trainer (bad flags: usage + exit 2)."""
+    parser = sft_parser(prog)
+    args = parser.parse_args(argv)
+    try:
+        return run_sft(args)
+    except CommandError as error:
+        parser.error(str(error))
+
+
+def add_sft_subparser(subparsers) -> argparse.ArgumentParser:
+    """Registers `aligngpt sft`."""
+    parser = subparsers.add_parser("sft", help=SFT_HELP, description=SFT_DESCRIPTION, epilog=SFT_EPILOG,
+                                   formatter_class=_HelpFormatter)
+    add_sft_arguments(parser)
+    parser.set_defaults(func=_sft_command)
+    return parser
+
+
+def _sft_command(args: argparse.Namespace) -> int:
+    run_sft(args)
+    return 0
+
+
+__all__ = [
+    "add_pretrain_arguments",
+    "add_pretrain_subparser",
+    "add_sft_arguments",
+    "add_sft_subparser",
+    "artifact_levels",
+    "check_pretrain_args",
+    "check_sft_args",
+    "pretrain_main",
+    "pretrain_parser",
+    "run_pretrain",
+    "run_sft",
+    "sft_main",
+    "sft_parser",
+]
