@@ -30,6 +30,7 @@ import gc
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 
@@ -383,7 +384,21 @@ def plan(args) -> list[dict]:
     return rows
 
 
+def without_option(argv, name: str) -> list[str]:
+    """`argv` without `name VALUE` / `name=VALUE`."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == name:
+            skip = True
+        elif not arg.startswith(name + "="):
+            kept.append(arg)
+    return kept
+
+
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", default=None,
                         help="comma-separated model:recipe pairs (models: llava, aligngpt; recipes: kbit, lean, "
@@ -424,6 +439,21 @@ def main(argv=None):
             parser.error(f"bad --runs item {kind}:{recipe}")
         if recipe == "lean_offload" and device.type != "cuda":
             parser.error("lean_offload (activation offloading) needs a CUDA GPU")
+    if len(runs) > 1 and device.type == "cuda":
+        # Each run in a fresh process: memory a finished run leaves behind (allocator caches, paged optimizer
+        # buffers) was seen to add ~0.3 GiB to the next run's peak and to slow it, which made the order of the runs
+        # decide the comparison (H200, 2026-11-26).
+        rows = []
+        for kind, recipe in runs:
+            command = [sys.executable, __file__, *without_option(argv, "--runs"), "--runs", f"{kind}:{recipe}"]
+            result = subprocess.run(command, capture_output=True, text=True)
+            lines = [line for line in result.stdout.splitlines() if line.startswith('{"model"')]
+            if result.returncode != 0 or not lines:
+                print(result.stdout[-2000:], result.stderr[-2000:], file=sys.stderr)
+                continue
+            print(lines[-1], flush=True)
+            rows.append(json.loads(lines[-1]))
+        return rows
     rows = []
     for kind, recipe in runs:
         row = run(kind, recipe, args, device)
