@@ -71,33 +71,9 @@ CLIP_WORDS = (
 
 
 def _clip_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+    from transformers_aligngpt.tiny import build_tiny_clip_tokenizer
 
-    specials = ["<pad>", "<unk>", "<|startoftext|>", "<|endoftext|>"]
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.normalizer = normalizers.Lowercase()
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator([" ".join(CLIP_WORDS)] * 4 + CLIP_WORDS, trainer=trainer)
-    bos, eos = tokenizer.token_to_id("<|startoftext|>"), tokenizer.token_to_id("<|endoftext|>")
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", bos), ("<|endoftext|>", eos)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        bos_token="<|startoftext|>",
-        eos_token="<|endoftext|>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        model_max_length=24,
-    )
+    return build_tiny_clip_tokenizer(CLIP_WORDS, vocab_size=400, model_max_length=24)
 
 
 @pytest.fixture(scope="session")

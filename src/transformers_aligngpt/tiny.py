@@ -7,7 +7,7 @@ you pass), wrapped as a transformers fast tokenizer with `<image>` and `<align>`
 import string
 from collections.abc import Iterable
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import CLIPVisionConfig, LlamaConfig, PreTrainedConfig, PreTrainedTokenizerFast
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
@@ -54,6 +54,37 @@ def build_tiny_tokenizer(texts: Iterable[str] = (), vocab_size: int = 512) -> Pr
         pad_token="<pad>",
         extra_special_tokens={"image_token": "<image>", "alignment_token": "<align>"},
         padding_side="left",
+    )
+
+
+def build_tiny_clip_tokenizer(
+    texts: Iterable[str], vocab_size: int = 400, model_max_length: int = 77
+) -> PreTrainedTokenizerFast:
+    """A CLIP-like text tokenizer trained offline: byte-level BPE, lower-cased, `<|startoftext|> ... <|endoftext|>`
+    (CLIP's text tower pools at the end-of-text token)."""
+    texts = list(texts)
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<unk>", "<|startoftext|>", "<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator([" ".join(texts)] * 4 + texts, trainer=trainer)
+    bos, eos = tokenizer.token_to_id("<|startoftext|>"), tokenizer.token_to_id("<|endoftext|>")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", bos), ("<|endoftext|>", eos)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        model_max_length=model_max_length,
     )
 
 
@@ -128,6 +159,7 @@ def build_tiny_model(texts: Iterable[str] = (), seed: int = 0, **config_kwargs):
 
 __all__ = [
     "build_tiny_tokenizer",
+    "build_tiny_clip_tokenizer",
     "tiny_vision_config",
     "tiny_text_config",
     "tiny_config",
