@@ -22,8 +22,11 @@ Cases (each prints JSON lines with `case`, `model`, `batch`, seconds or tokens/s
 - `profile` (`--profile`): torch.profiler tables of the alignment path and of an AlignGPT forward.
 
 CPU (small model, hidden 512, 4 layers):  python benchmarks/bench_model.py [--quick] --out outputs/bench_cpu.jsonl
-GPU (Vicuna-7B + CLIP ViT-L/14-336 shapes, bf16, SDPA):
-    python benchmarks/bench_model.py --device cuda --shapes 7b --out outputs/bench_7b.jsonl
+    (`--threads 1` gives steadier ratios on a machine shared with other jobs; `--quick` uses 64 image tokens,
+    batches 1 and 4 and 8 new tokens: a smoke run of every case, under two minutes on two cores)
+GPU (Vicuna-7B + CLIP ViT-L/14-336 shapes, bf16, SDPA), about 3 minutes on an H200:
+    python benchmarks/bench_model.py --device cuda --shapes 7b --budget-s 210 --explain --out outputs/bench_7b.jsonl
+Tables from a JSON-lines file:  python benchmarks/bench_model.py --summarize outputs/bench_7b.jsonl
 """
 
 import argparse
@@ -381,6 +384,41 @@ def greedy_agreement(tokens, ref_tokens, ref_gaps) -> dict:
     return result
 
 
+def explain_decode(args, rec, llava, aligngpt, dtype, image_size, num_image_tokens, batch_size):
+    """`torch._dynamo.explain` of one decoding step of each model, with the inputs `generate` gives it (static
+    cache): graph count, graph breaks and their reasons. Runs before any compiled case (explain resets dynamo)."""
+    models = {"aligngpt": aligngpt, "llava": llava}
+    rows = generation_rows(batch_size, num_image_tokens, seed=300 + batch_size, question_max=args.question_max)
+    batches = batch_for(args, rows, image_size, dtype, "left", False, 400 + batch_size, list(models))
+    longest = max(b["input_ids"].shape[1] for b in batches.values())
+    max_cache_len = -(-(longest + args.new_tokens) // 64) * 64
+    for name, model in models.items():
+        captured = []
+        hook = model.register_forward_pre_hook(
+            lambda _m, _a, kw, captured=captured: captured.append(dict(kw)), with_kwargs=True
+        )
+        try:
+            with torch.no_grad():
+                model.generate(**batches[name], **generate_kwargs(args, "static", 2, max_cache_len))
+        finally:
+            hook.remove()
+        with torch.no_grad():
+            explanation = torch._dynamo.explain(model)(**captured[-1])
+        rec.emit(case="explain_decode", model=name, batch=batch_size, graph_count=explanation.graph_count,
+                 graph_break_count=explanation.graph_break_count, op_count=explanation.op_count,
+                 break_reasons=[str(b.reason)[:300] for b in explanation.break_reasons][:12])
+    torch._dynamo.reset()
+
+
+def graph_break_reasons() -> dict:
+    try:
+        from torch._dynamo.utils import counters
+
+        return dict(counters["graph_break"])
+    except Exception:  # noqa: BLE001
+        return {}
+
+
 def graph_breaks() -> int:
     try:
         from torch._dynamo.utils import counters
@@ -407,9 +445,13 @@ def case_generate(args, rec, llava, aligngpt, dtype, image_size, num_image_token
     # step's top-1 / top-2 logit gap, to tell a numerical near-tie from a real change where paths disagree)
     breaks_before = graph_breaks()
     outputs, gaps, first_call = {}, {}, {}
+    breaks_by_model = {}
     for name in models:
         if path == "static_compiled":
+            before = graph_break_reasons()
             first_call[name] = time_call(gen(name, min(4, n)), args.device)  # compiles, records CUDA graphs
+            after = graph_break_reasons()
+            breaks_by_model[name] = {k[:300]: v - before.get(k, 0) for k, v in after.items() if v > before.get(k, 0)}
         kwargs = generate_kwargs(args, path, n, max_cache_len)
         if path == "default":
             kwargs.update(output_logits=True, return_dict_in_generate=True)
@@ -463,7 +505,9 @@ def case_generate(args, rec, llava, aligngpt, dtype, image_size, num_image_token
         if path != "default" and reference is not None:
             record.update(greedy_agreement(outputs[name], *reference))
         if path == "static_compiled":
-            record["graph_breaks"] = graph_breaks() - breaks_before
+            record["graph_breaks_both_models"] = graph_breaks() - breaks_before
+            record["graph_breaks"] = sum(breaks_by_model.get(name, {}).values())
+            record["graph_break_reasons"] = dict(list(breaks_by_model.get(name, {}).items())[:8])
         rec.emit(**record)
 
 
@@ -611,6 +655,14 @@ def summarize(path: str) -> str:
             extra.append(f"- {key}: {fmt(r['seconds'] if key != 'alignment_path' else r['extra_seconds'])} s = "
                          f"{100 * r['share_of_forward']:.2f}% of LLaVA's batch-1 forward{expected} "
                          f"({r.get('note', r.get('goal', ''))})")
+    for r in by.get("explain_decode", []):
+        extra.append(f"- torch._dynamo.explain of a {r['model']} decoding step (batch {r['batch']}): {r['graph_count']} "
+                     f"graph(s), {r['graph_break_count']} break(s), {r['op_count']} ops"
+                     + (f"; reasons: {r['break_reasons']}" if r["break_reasons"] else ""))
+    for r in by.get("generate", []):
+        if r.get("graph_break_reasons"):
+            extra.append(f"- graph breaks of {r['model']}'s compiled decoding (batch {r['batch']}): "
+                         f"{r['graph_break_reasons']}")
     for r in by.get("profile_alignment_path", []):
         extra.append(f"- alignment path, batch {r['batch']}: {r['compute_ops']} non-view aten ops, host syncs "
                      f"{r['host_syncs']}: {r['compute_op_names']}")
@@ -660,6 +712,8 @@ def parse_args(argv=None):
     p.add_argument("--cpu-compile", action="store_true", help="also compile the decoding step on CPU")
     p.add_argument("--compile-mode", default="reduce-overhead")
     p.add_argument("--fullgraph", action="store_true")
+    p.add_argument("--explain", action="store_true",
+                   help="torch._dynamo.explain of one decoding step of each model (graphs, breaks, reasons)")
     p.add_argument("--layers", type=int, default=None, help="override the LLM's layer count (smoke tests)")
     p.add_argument("--vision-layers", type=int, default=None, help="override the tower's layer count (smoke tests)")
     p.add_argument("--image-size", type=int, default=None,
@@ -686,11 +740,13 @@ def parse_args(argv=None):
         args.image_size = 112  # 64 image tokens instead of 576: same code paths, a fifth of the sequence
     args.new_tokens = args.new_tokens or (64 if cuda else (8 if quick else 32))
     args.repeats = args.repeats or (11 if cuda else (3 if quick else 7))
-    args.train_repeats = args.train_repeats or (2 if cuda else (1 if quick else 5))
-    args.gen_repeats = args.gen_repeats or (2 if cuda or quick else 5)
+    args.train_repeats = args.train_repeats or (5 if cuda else (1 if quick else 5))
+    args.gen_repeats = args.gen_repeats or (4 if cuda else (2 if quick else 5))
     args.checkpointing = args.checkpointing == "on" or (args.checkpointing == "auto" and args.shapes == "7b")
     # rough seconds per case on an H100 at 7B shapes, for --budget-s (batch > 4 doubles them)
-    args.estimates = {"train": 15, "generate:default": 20, "generate:static": 20, "generate:static_compiled": 60}
+    # (an H200 run took 87 s for everything but batch-32 compiled decoding: build 1 s, train 1.4 s a step at batch 16,
+    # compile + first call 24 s)
+    args.estimates = {"train": 12, "generate:default": 15, "generate:static": 15, "generate:static_compiled": 35}
     return args
 
 
@@ -754,6 +810,9 @@ def main(argv=None):
         references = {}
         # every batch size of one path before the next path: the eager default path first (its token ids are the
         # reference), the compiled path (compilation time is the least predictable) last
+        if args.explain:
+            guarded("explain_decode", explain_decode, args, rec, llava, aligngpt, dtype, image_size, num_image_tokens,
+                    args.gen_batches[0])
         for path in args.paths:
             for batch_size in args.gen_batches:
                 if over_budget(args, rec, "generate", batch_size, path):
