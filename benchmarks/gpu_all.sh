@@ -28,7 +28,7 @@ step() {  # step NAME SECONDS COMMAND...
 
 step qlora ${QLORA_S:-170} python3 benchmarks/bench_qlora.py --steps 4 --warmup 2 \
   --runs llava:kbit,aligngpt:lean,aligngpt:lean_offload
-step model ${MODEL_S:-230} python3 benchmarks/bench_model.py --device cuda --shapes 7b --budget-s $(( ${MODEL_S:-230} - 20 )) \
+step model ${MODEL_S:-230} python3 benchmarks/bench_model.py --device cuda --shapes 7b --explain --budget-s $(( ${MODEL_S:-230} - 20 )) \
   --out "$OUT/bench_7b.jsonl"
 step score_pairs ${SCORE_S:-110} python3 benchmarks/bench_score_pairs.py --device cuda --model-config large \
   --num-pairs 8192 --batch-size 256 --num-workers 15 --measure-decode
