@@ -354,3 +354,19 @@ def test_other_backbones_and_towers(tokenizer, images, text_model, tower):
     cached = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     uncached = model.generate(**inputs, max_new_tokens=4, do_sample=False, use_cache=False)
     assert cached.tolist() == uncached.tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_loading_runs(model, processor, images, tmp_path, dtype):
+    """fp16 loading keeps the projector, gate and alignment table in fp32 (`_keep_in_fp32_modules`): mixed dtypes
+    must still run, and stay close to the fp32 model."""
+    model.save_pretrained(tmp_path)
+    half = AlignGPTForConditionalGeneration.from_pretrained(tmp_path, dtype=dtype).eval()
+    assert half.model.language_model.dtype == dtype
+    inputs = processor(images=images[:1], text=prompts(processor, ["What is shown?"]), return_tensors="pt")
+    with torch.no_grad():
+        logits = half(**inputs).logits.float()
+        expected = model(**inputs).logits
+    assert torch.isfinite(logits).all()
+    assert (logits - expected).abs().max() < 0.1
+    half.generate(**inputs, max_new_tokens=2, do_sample=False)

@@ -74,7 +74,8 @@ class AlignGPTMultiModalProjector(nn.Module):
             self.act = self.linear_2 = None
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
-        hidden_states = self.linear_1(image_features)
+        # the projector may be kept in fp32 beside an fp16 tower (`_keep_in_fp32_modules`)
+        hidden_states = self.linear_1(image_features.to(self.linear_1.weight.dtype))
         if self.linear_2 is not None:
             hidden_states = self.linear_2(self.act(hidden_states))
         return hidden_states
