@@ -51,8 +51,8 @@ def main(argv=None) -> dict:
     parser.add_argument("checkpoint", help="a checkpoint folder saved by `aligngpt demo` (OUTPUT/checkpoint)")
     parser.add_argument("--num-rows", type=int, default=200, help="held-out questions (default 200)")
     parser.add_argument("--seed", type=int, default=DEMO_SEED, help="scene seed (default: the demo's)")
-    parser.add_argument("--image-size", type=int, default=64,
-                        help="scene size in pixels: 64 for the full demo, 48 for `--quick`")
+    parser.add_argument("--image-size", type=int, default=48,
+                        help="scene size in pixels: 48, as the demo (full and `--quick`) renders its scenes")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--pope-suffix", action="store_true",
                         help="append POPE's 'Answer the question using a single word or phrase.'")

@@ -64,9 +64,11 @@ class DemoSettings:
     num_questions: int  # held-out questions answered and shown with their gate weights
     num_yes_no: int  # held-out yes/no questions for the accuracy
     logging_steps: int = 5  # loss-curve resolution
+    extra_yes_no: int = 0  # extra phase-2 "Is there a <colour> <shape>?" chats (binding colour to shape needs many)
+    train_vision_tower: bool = False  # also train the tiny CLIP's image tower in phase 2 (its features bind per cell)
 
 
-FULL = DemoSettings(2048, 2048, TINY_IMAGE_SIZE, 1024, 5, 16, 1, 1, 16, 6, 16, 6, 64)
+FULL = DemoSettings(2048, 2048, TINY_IMAGE_SIZE, 1024, 5, 16, 1, 1, 16, 6, 16, 6, 64, extra_yes_no=3072)
 QUICK = DemoSettings(128, 128, TINY_IMAGE_SIZE, 128, 2, 16, 1, 1, 16, 3, 16, 4, 16, logging_steps=2)
 CLIP_FAMILY_SIZE = 4
 
@@ -174,6 +176,12 @@ def load_data(args: Namespace, settings: DemoSettings, start: float) -> dict[str
             _say(f"  e.g. {pretrain[4]['caption']!r} (exact) / {pretrain[3]['caption']!r} (one attribute wrong)")
         if "instruct" not in data:
             instruct = scenes.build_instruction_data(settings.instruct_rows, seed, size)
+            if settings.extra_yes_no:
+                from datasets import concatenate_datasets
+
+                extra_rows = extra_yes_no_chats(settings.extra_yes_no, seed, size)
+                instruct = concatenate_datasets([instruct.select_columns(["images", "messages"]), extra_rows])
+                instruct = instruct.shuffle(seed=seed)
             data["instruct"] = instruct.select_columns(["images", "messages"])
             data["instruct_source"] = f"{len(instruct)} built-in demo chats"
             data["questions"] = held_out_questions(settings.num_questions, size)
@@ -182,6 +190,24 @@ def load_data(args: Namespace, settings: DemoSettings, start: float) -> dict[str
             _say(f"held out: {len(data['questions'])} questions and {settings.num_yes_no} yes/no questions about "
                  "scenes whose layouts never occur in training")
     return data
+
+
+def extra_yes_no_chats(count: int, seed: int, image_size: int):
+    """Extra "Is there a <colour> <shape>?" chats on training-split scenes (balanced yes/no, half the "no" ones
+    adversarial): the binding of colour to shape needs more examples than the other kinds."""
+    from datasets import Dataset, Features
+
+    rng = random.Random(seed + 3)
+    images, messages = [], []
+    for i in range(count):
+        scene = scenes.random_scene(rng, split="train")
+        colour, shape = scenes.yes_no_pair(scene, rng, present=i % 2 == 0, adversarial=(i // 2) % 2 == 0)
+        question = f"Is there {scenes._article(colour)} {colour} {shape}?"
+        answer = "Yes." if scene.count(shape, colour) else "No."
+        images.append([scene.render(image_size)])
+        messages.append([scenes._message("user", question, image=True), scenes._message("assistant", answer)])
+    return Dataset.from_dict({"images": images, "messages": messages},
+                             features=Features({k: v for k, v in scenes.INSTRUCT_FEATURES.items() if k != "id"}))
 
 
 def held_out_questions(count: int, image_size: int, seed: int = scenes.DEMO_SEED) -> list[dict[str, Any]]:
@@ -453,7 +479,8 @@ def run_phase1(model, processor, data, output: Path, settings, lr: float, seed: 
     return trainer
 
 
-def run_phase2(model, processor, data, output: Path, settings, lr: float, seed: int, device, start, curves):
+def run_phase2(model, processor, data, output: Path, settings, lr: float, seed: int, device, start, curves,
+               train_vision_tower: bool = False):
     from trl import SFTConfig
 
     from ..training import make_sft_trainer
@@ -463,6 +490,9 @@ def run_phase2(model, processor, data, output: Path, settings, lr: float, seed: 
                           batch=settings.phase2_batch, lr=lr, seed=seed, device=device, logging_steps=settings.logging_steps, bf16=False,
                           assistant_only_loss=True, max_length=2048, activation_checkpointing=False)
     trainer = make_sft_trainer(model, processor, dataset, args=args)
+    if train_vision_tower:  # (the demo's tiny tower only: a real CLIP stays frozen, as in AlignGPT)
+        from ..training import _base_model
+        _base_model(model).vision_tower.requires_grad_(True)
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     _say(f"phase 2: {len(dataset)} chats, training projector + gate + language model ({trained:,} parameters); "
          "alignment embeddings frozen, the gate mixes the local levels")
@@ -683,7 +713,8 @@ def run_demo(args: Namespace) -> dict[str, Any]:
     _header("4/6 phase 1: pre-training with alignment levels", start)
     run_phase1(model, processor, data, output, settings, lr["phase1"], seed, device, start, curves)
     _header("5/6 phase 2: instruction tuning (TRL SFTTrainer)", start)
-    run_phase2(model, processor, data, output, settings, lr["phase2"], seed, device, start, curves)
+    run_phase2(model, processor, data, output, settings, lr["phase2"], seed, device, start, curves,
+               train_vision_tower=settings.train_vision_tower and not (args.vision_tower or args.clip))
 
     _header("6/6 checkpoint, answers and gate weights", start)
     model.eval()
