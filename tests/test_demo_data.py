@@ -7,17 +7,10 @@ they do not rely on the generator's own bookkeeping.
 
 import random
 import re
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
-
-try:
-    import transformers_aligngpt  # noqa: F401
-except ImportError:  # running from a plain checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from transformers_aligngpt.demo import scenes as S
 from transformers_aligngpt.demo import (
