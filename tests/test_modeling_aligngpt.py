@@ -154,6 +154,28 @@ def test_several_images_in_one_row_average_their_gate_weights(model, processor, 
                                atol=1e-5, rtol=1e-5)
 
 
+
+def test_batch_with_two_one_and_no_images_equals_rows_one_at_a_time(model, processor, images):
+    # the batched image->row map (searchsorted + index_add) against the one-row path, rows with 2, 0 and 1 images
+    def chat(n, question):
+        content = [{"type": "image"}] * n + [{"type": "text", "text": question}]
+        return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+    texts = [chat(2, "Compare the two pictures."), chat(0, "What is 2 plus 3?"), chat(1, "What colour is it?")]
+    row_images = [images[:2], [], images[1:2]]
+    batch = processor(images=[im for ims in row_images for im in ims], text=texts, return_tensors="pt", padding=True)
+    out, embeds = embeddings_seen_by_lm(model, batch)
+    align_mask = batch["input_ids"] == model.config.alignment_token_id
+    assert align_mask.sum(-1).tolist() == [1, 0, 1]
+    for row, (text, ims) in enumerate(zip(texts, row_images)):
+        single = processor(images=ims or None, text=[text], return_tensors="pt")
+        single_out, single_embeds = embeddings_seen_by_lm(model, single)
+        kept = batch["attention_mask"][row].bool()
+        torch.testing.assert_close(embeds[row][kept], single_embeds[0], atol=1e-5, rtol=1e-5)
+        if ims:
+            torch.testing.assert_close(out.alignment_weights[row], single_out.alignment_weights[0], atol=1e-6,
+                                       rtol=1e-5)
+
 def test_generate_cache_matches_no_cache_and_runs_vision_once(model, processor, images):
     inputs = processor(images=images[:1], text=prompts(processor, ["What is shown?"]), return_tensors="pt")
     calls = []

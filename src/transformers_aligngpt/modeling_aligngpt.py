@@ -249,31 +249,36 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         # Text = attended tokens after <align> (so bos and left padding are out) that are not placeholders.
         # (Each line is one or two small kernels: in eager mode on a GPU every op costs a launch, so they are few.)
         after_align = align_mask.cumsum(-1) > align_mask  # 0 > 0 before <align>, 1 > 1 at it, 1 > 0 after it
-        text_mask = after_align > image_mask  # after <align> and not an image placeholder
+        weights = (after_align > image_mask).to(inputs_embeds.dtype)  # after <align> and not an image placeholder
         if attention_mask is not None and attention_mask.dim() == 2:
-            text_mask = text_mask & attention_mask.bool()
+            weights = weights * attention_mask  # (a float times the 0/1 mask: stays float)
         if gate_text_mask is not None:
-            text_mask = text_mask & gate_text_mask.bool()
-        weights = text_mask.to(inputs_embeds.dtype)
+            weights = weights * gate_text_mask
         # the masked mean as one batched matmul, without a (batch, seq, hidden) temporary
         text_sum = torch.bmm(weights.unsqueeze(1), inputs_embeds).squeeze(1)
-        text_mean = text_sum / weights.sum(-1, keepdim=True).clamp(min=1)  # (batch, hidden)
+        text_mean = (text_sum / weights.sum(-1, keepdim=True).clamp(min=1)).to(image_features.dtype)  # (batch, hidden)
 
-        # Which row each image belongs to, without a Python loop: images are laid out in placeholder order,
-        # P placeholders each, so the running count of images per row locates them (static shapes).
-        num_images, num_patches = image_features.shape[:2]
-        images_per_row = image_mask.sum(-1) // num_patches  # (batch,)
-        row_of_image = torch.searchsorted(
-            images_per_row.cumsum(0), torch.arange(num_images, device=images_per_row.device), right=True
-        ).clamp(max=batch_size - 1)
-        text_of_image = text_mean[row_of_image].to(image_features.dtype)
-        affinities = torch.bmm(image_features, text_of_image.unsqueeze(-1)).squeeze(-1)  # (I, P)
         gate = self.alignment_gate
-        image_weights = torch.softmax(gate(affinities.to(gate.fc1.weight.dtype)), dim=-1, dtype=torch.float32)
-        # Several images in one row: each image gets its own weights, the row's one <align> token uses their mean.
-        row_weights = torch.zeros(batch_size, num_local, device=image_weights.device, dtype=image_weights.dtype)
-        row_weights.index_add_(0, row_of_image, image_weights)
-        row_weights = row_weights / images_per_row.clamp(min=1).unsqueeze(-1)
+        num_images, num_patches = image_features.shape[:2]
+        if batch_size == 1 and num_images > 0:
+            # one row (the batch-1 forward of generation): every image is that row's, no image->row map needed
+            affinities = image_features @ text_mean[0]  # (I, P)
+            image_weights = torch.softmax(gate(affinities.to(gate.fc1.weight.dtype)), dim=-1, dtype=torch.float32)
+            row_weights = image_weights if num_images == 1 else image_weights.mean(0, keepdim=True)
+        else:
+            # Which row each image belongs to, without a Python loop: images are laid out in placeholder order,
+            # P placeholders each, so the running count of images per row locates them (static shapes).
+            images_per_row = image_mask.sum(-1) // num_patches  # (batch,)
+            row_of_image = torch.searchsorted(
+                images_per_row.cumsum(0), torch.arange(num_images, device=images_per_row.device), right=True
+            ).clamp(max=batch_size - 1)
+            affinities = torch.bmm(image_features, text_mean[row_of_image].unsqueeze(-1)).squeeze(-1)  # (I, P)
+            image_weights = torch.softmax(gate(affinities.to(gate.fc1.weight.dtype)), dim=-1, dtype=torch.float32)
+            # Several images in one row: each image gets its own weights, the row's one <align> token uses their
+            # mean.
+            row_weights = torch.zeros(batch_size, num_local, device=image_weights.device, dtype=image_weights.dtype)
+            row_weights.index_add_(0, row_of_image, image_weights)
+            row_weights = row_weights / images_per_row.clamp(min=1).unsqueeze(-1)
 
         mix = row_weights.to(table.dtype)
         if mode == "local":
