@@ -14,7 +14,8 @@ processes, model, cache files, everything. Prints one JSON line.
 Fields: `pairs_per_s` = pairs / wall time of the whole `score_pairs` call (cold: nothing cached; model already
 built and warmed up on one batch, so CUDA / cuBLAS start-up is not counted); `cached_run_s` = a second call
 over the same data (every shard loads from its cache file); `decode_pairs_per_s` (with `--measure-decode`) = the
-worker processes alone, without the model: the ceiling the CPUs set. The JPEGs were just written, so they are read
+worker processes alone, without the model: the ceiling the CPUs set (`--decode-only` measures only that,
+`--decode-backends pil,torchvision` both image-processor backends alternately in one run). The JPEGs were just written, so they are read
 from the page cache (`--drop-caches` tries to empty it first; needs root).
 """
 
@@ -195,14 +196,25 @@ def build_tokenizer(vocab_size):
     return build_tiny_clip_tokenizer(WORDS, vocab_size=min(vocab_size, 600), model_max_length=77)
 
 
-def build_clip(name, device):
+def build_image_processor(name, backend):
+    """The CLIP image processor of `name` with transformers' PIL or torchvision backend (`auto`: torchvision if
+    installed), as `score_pairs(image_backend=...)` would load it."""
+    import importlib.util
+
+    import transformers
+
+    if backend == "auto":
+        backend = "torchvision" if importlib.util.find_spec("torchvision") is not None else "pil"
+    cls = transformers.CLIPImageProcessor if backend == "torchvision" else getattr(
+        transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor  # (transformers without backends)
+    )
+    size = MODEL_CONFIGS[name]["vision"]["image_size"]
+    return cls(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
+def build_clip(name, device, backend="auto"):
     import torch
     from transformers import CLIPConfig, CLIPModel
-
-    try:
-        from transformers import CLIPImageProcessorPil as ImageProcessor
-    except ImportError:  # transformers without image-processor backends
-        from transformers import CLIPImageProcessor as ImageProcessor
 
     spec = MODEL_CONFIGS[name]
     tokenizer = build_tokenizer(49408)
@@ -221,9 +233,7 @@ def build_clip(name, device):
     torch.manual_seed(0)
     with torch.device(device):
         model = CLIPModel(config).eval()
-    size = spec["vision"]["image_size"]
-    image_processor = ImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-    return model, image_processor, tokenizer
+    return model, build_image_processor(name, backend), tokenizer
 
 
 def measure_decode(dataset, model, image_processor, tokenizer, args, device, dtype):
@@ -258,6 +268,48 @@ def measure_decode(dataset, model, image_processor, tokenizer, args, device, dty
     return rows / (time.perf_counter() - start)
 
 
+def decode_rates(args, dataset, model, image_processor, tokenizer, device, dtype):
+    """(pairs/s of the given processor, {backend: pairs/s} for --decode-backends, alternating, best of two)."""
+    rate = measure_decode(dataset, model, image_processor, tokenizer, args, device, dtype)
+    if not args.decode_backends:
+        return rate, None
+    rates = {}
+    for _ in range(2):
+        for backend in args.decode_backends.split(","):
+            processor = build_image_processor(args.model_config, backend)
+            value = measure_decode(dataset, model, processor, tokenizer, args, device, dtype)
+            rates[backend] = max(rates.get(backend, 0.0), value)
+    return rate, {k: round(v, 1) for k, v in rates.items()}
+
+
+def decode_only_result(args, dataset, model, image_processor, tokenizer, device, dtype, mean_bytes):
+    import torch
+    import transformers
+
+    rate, by_backend = decode_rates(args, dataset, model, image_processor, tokenizer, device, dtype)
+    result = {
+        "benchmark": "score_pairs_decode_only",
+        "decode_pairs_per_s": round(rate, 1),
+        "decode_pairs_per_s_by_backend": by_backend,
+        "image_processor": type(image_processor).__name__,
+        "num_pairs": len(dataset),
+        "model_config": args.model_config,
+        "image_size": MODEL_CONFIGS[args.model_config]["vision"]["image_size"],
+        "batch_size": args.batch_size,
+        "num_workers": args.num_workers,
+        "jpeg_draft": args.jpeg_draft,
+        "normalize_on_device": args.normalize_on_device,
+        "jpeg_sides": [args.min_side, args.max_side],
+        "jpeg_mean_kb": round(mean_bytes / 1024, 1),
+        "cpu": platform.processor() or platform.machine(),
+        "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+    print(json.dumps(result), flush=True)
+    return result
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -274,11 +326,18 @@ def main(argv=None):
     parser.add_argument("--jpeg-draft", action="store_true")
     parser.add_argument("--no-normalize-on-device", dest="normalize_on_device", action="store_false")
     parser.add_argument("--compile", action="store_true", help="torch.compile the image tower")
+    parser.add_argument("--image-backend", default="auto", choices=["auto", "pil", "torchvision"],
+                        help="image processor backend (auto: torchvision if installed, else PIL)")
     parser.add_argument("--measure-decode", action="store_true", help="also time the decoding workers alone")
+    parser.add_argument("--decode-backends", default=None,
+                        help="with --measure-decode: comma list of backends timed alternately (e.g. pil,torchvision)")
+    parser.add_argument("--decode-only", action="store_true",
+                        help="only the decoding workers (implies --measure-decode; no CLIP forward): the CPU side alone")
     parser.add_argument("--drop-caches", action="store_true", help="try to empty the page cache before timing")
     parser.add_argument("--workdir", default=None, help="where to write the JPEGs (default: a temp folder)")
     parser.add_argument("--quick", action="store_true", help="CPU, tiny CLIP, 256 pairs: < 1 minute")
     args = parser.parse_args(argv)
+    args.measure_decode = args.measure_decode or args.decode_only
     if args.quick:
         args.device, args.model_config = "cpu", "tiny"
         args.num_pairs = min(args.num_pairs, 256)
@@ -313,8 +372,14 @@ def main(argv=None):
             }
         )
         t0 = time.perf_counter()
-        model, image_processor, tokenizer = build_clip(args.model_config, device)
+        if args.decode_only:  # the workers need the processor and tokenizer; a tiny model stands in for the scorer
+            model, _, tokenizer = build_clip("tiny", device)
+            image_processor = build_image_processor(args.model_config, args.image_backend)
+        else:
+            model, image_processor, tokenizer = build_clip(args.model_config, device, args.image_backend)
         build_s = time.perf_counter() - t0
+        if args.decode_only:
+            return decode_only_result(args, dataset, model, image_processor, tokenizer, device, dtype, mean_bytes)
         common = dict(
             model=model,
             image_processor=image_processor,
@@ -360,9 +425,11 @@ def main(argv=None):
         assert len(scored) == len(dataset) and np.isfinite(scores).all()
         assert np.array_equal(scores, again.with_format("arrow")["clip_score"].to_numpy())
 
-        decode_rate = None
+        decode_rate, decode_by_backend = None, None
         if args.measure_decode:
-            decode_rate = measure_decode(dataset, model, image_processor, tokenizer, args, device, dtype)
+            decode_rate, decode_by_backend = decode_rates(
+                args, dataset, model, image_processor, tokenizer, device, dtype
+            )
 
         result = {
             "benchmark": "score_pairs",
@@ -371,6 +438,8 @@ def main(argv=None):
             "seconds": round(cold_s, 3),
             "cached_run_s": round(cached_s, 3),
             "decode_pairs_per_s": round(decode_rate, 1) if decode_rate else None,
+            "decode_pairs_per_s_by_backend": decode_by_backend,
+            "image_processor": type(image_processor).__name__,
             "device": str(device),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "model_config": args.model_config,

@@ -118,10 +118,12 @@ def clip_tiny_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def clip_tiny(clip_tiny_dir):
     """(model, image_processor, tokenizer) of `clip_tiny_dir`, loaded independently, for reference computations."""
-    from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel
+    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
     model = CLIPModel.from_pretrained(clip_tiny_dir).eval()
-    return model, CLIPImageProcessorPil.from_pretrained(clip_tiny_dir), AutoTokenizer.from_pretrained(clip_tiny_dir)
+    # transformers' default backend, as score_pairs' default "auto": torchvision when installed, else PIL
+    image_processor = AutoImageProcessor.from_pretrained(clip_tiny_dir)
+    return model, image_processor, AutoTokenizer.from_pretrained(clip_tiny_dir)
 
 
 def clip_write_pairs(folder, n, seed=0, start=0):

@@ -187,6 +187,30 @@ def test_scores_equal_independent_cosine(clip_tiny_dir, clip_tiny, clip_pairs, t
     np.testing.assert_allclose(scores_of(out_images), expected, rtol=0, atol=1e-5)
 
 
+def test_image_backend_choice_and_separate_caches(clip_tiny_dir, clip_pairs, tmp_path):
+    import importlib.util
+
+    from transformers import CLIPImageProcessorPil
+
+    from transformers_aligngpt.alignment_levels import _load_image_processor
+
+    has_torchvision = importlib.util.find_spec("torchvision") is not None
+    assert isinstance(_load_image_processor(clip_tiny_dir, "pil"), CLIPImageProcessorPil)
+    assert isinstance(_load_image_processor(clip_tiny_dir, "auto"), CLIPImageProcessorPil) is not has_torchvision
+    folder, files, captions = clip_pairs(9)
+    ds = pair_dataset(folder, files, captions)
+    with pytest.raises(ValueError, match="image_backend must be one of"):
+        score_pairs(ds, clip_tiny_dir, image_backend="opencv", device="cpu", cache_dir=tmp_path / "c", progress=False)
+    common = dict(batch_size=4, num_workers=0, cache_dir=tmp_path / "cache", device="cpu", progress=False)
+    pil = scores_of(score_pairs(ds, clip_tiny_dir, image_backend="pil", **common))
+    if not has_torchvision:
+        return
+    # the torchvision backend resizes slightly differently: its own cache entry, scores close to PIL's
+    fast = scores_of(score_pairs(ds, clip_tiny_dir, image_backend="torchvision", **common))
+    assert len(list((tmp_path / "cache").glob("*.arrow"))) == 2
+    np.testing.assert_allclose(fast, pil, rtol=0, atol=2e-2)
+
+
 def test_images_are_decoded_in_worker_processes(clip_tiny_dir, clip_pairs, tmp_path, monkeypatch):
     folder, files, captions = clip_pairs(12)
     pid_dir = tmp_path / "pids"
@@ -334,7 +358,7 @@ def test_undecodable_image_error_after_scoring_then_fixed(
 
 
 def test_siglip_checkpoint(tmp_path, clip_pairs, clip_tokenizer):
-    from transformers import AutoTokenizer, SiglipConfig, SiglipImageProcessorPil, SiglipModel
+    from transformers import AutoImageProcessor, AutoTokenizer, SiglipConfig, SiglipImageProcessorPil, SiglipModel
 
     tokenizer = clip_tokenizer
     config = SiglipConfig(
@@ -371,6 +395,7 @@ def test_siglip_checkpoint(tmp_path, clip_pairs, clip_tokenizer):
         progress=False,
     )
     loaded = AutoTokenizer.from_pretrained(tmp_path / "siglip")
+    processor = AutoImageProcessor.from_pretrained(tmp_path / "siglip")  # the backend score_pairs picks
     expected = []
     with torch.no_grad():
         for f, caption in zip(files, captions):
