@@ -272,14 +272,30 @@ def case_forward(args, rec, llava, aligngpt, dtype, image_size, num_image_tokens
     names = ["aligngpt", "llava", "llava_same_len"]
     batches = batch_for(args, rows, image_size, dtype, "left", False, 12, names)
     models = {"aligngpt": aligngpt, "llava": llava, "llava_same_len": llava}
+    # the gate's cost inside the real forward: the same AlignGPT inputs with alignment_mode="global" (the <align>
+    # slot gets E[N-1]; no text mean, affinities, gate or mix)
+    names.append("aligngpt_global")
+    batches["aligngpt_global"], models["aligngpt_global"] = batches["aligngpt"], aligngpt
 
     def fwd(name):
         def call():
-            with torch.no_grad():
-                return models[name](**batches[name], use_cache=False, logits_to_keep=1)
+            mode = aligngpt.config.alignment_mode
+            if name == "aligngpt_global":
+                aligngpt.config.alignment_mode = "global"
+            try:
+                with torch.no_grad():
+                    return models[name](**batches[name], use_cache=False, logits_to_keep=1)
+            finally:
+                aligngpt.config.alignment_mode = mode
         return call
 
     res = compare({name: fwd(name) for name in names}, args.device, warmup=args.warmup, repeats=args.repeats)
+    gate = ratios(res, "aligngpt", "aligngpt_global")
+    rec.emit(case="gate_in_forward", model="aligngpt", batch=1, seconds=res["aligngpt"]["median"],
+             global_seconds=res["aligngpt_global"]["median"], ratio=gate["ratio"], ratio_paired=gate["ratio_paired"],
+             share_of_forward=gate["ratio_paired"] - 1,
+             note="AlignGPT adaptive over the same forward with alignment_mode=global, paired repeats, minus 1")
+    names.remove("aligngpt_global")
     for name in names:
         rec.emit(case="forward", model=name, batch=1, seq_len=batches[name]["input_ids"].shape[1],
                  seconds=res[name]["median"], min_seconds=res[name]["min"], cpu_seconds=res[name].get("cpu_median"),
@@ -649,6 +665,9 @@ def summarize(path: str) -> str:
         if r.get("skipped") and r["case"] == "train":
             lines.append(f"| train step | {r.get('batch')} | | | | {r['skipped']} |")
     extra = []
+    for r in by.get("gate_in_forward", []):
+        extra.append(f"- gate in the forward: adaptive / global mode = {fmt(r['ratio_paired'])} (paired), "
+                     f"{100 * r['share_of_forward']:.2f}% of AlignGPT's batch-1 forward ({r['note']})")
     for key in ("alignment_path", "extra_token", "alignment_cost"):
         for r in by.get(key, []):
             expected = f", 1/seq = {100 * r['expected_share']:.2f}%" if "expected_share" in r else ""
