@@ -392,3 +392,15 @@ def test_half_precision_loading_runs(model, processor, images, tmp_path, dtype):
     assert torch.isfinite(logits).all()
     assert (logits - expected).abs().max() < 0.1
     half.generate(**inputs, max_new_tokens=2, do_sample=False)
+
+
+def test_forward_signature_is_the_real_one(model):
+    # generate() inspects forward's signature at every step; it is precomputed once (modeling_aligngpt) and must
+    # stay the signature of the code
+    import inspect
+
+    names = list(inspect.signature(model.forward).parameters)
+    code = AlignGPTForConditionalGeneration.forward.__wrapped__.__code__
+    expected = [n for n in code.co_varnames[: code.co_argcount + code.co_kwonlyargcount] if n != "self"] + ["kwargs"]
+    assert names == expected
+    assert {"cache", "alignment_levels", "mm_encoder_outputs", "logits_to_keep"} <= set(names)

@@ -15,6 +15,7 @@ The alignment vector of a row, with `E = alignment_embeddings.weight` of shape (
   `w = softmax(alignment_gate(d))` and `d[j] = <image feature j, mean text embedding of the row>`.
 """
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -465,6 +466,12 @@ class AlignGPTForConditionalGeneration(AlignGPTPreTrainedModel, GenerationMixin)
             alignment_weights=outputs.alignment_weights,
         )
 
+
+# `generate()` calls `prepare_inputs_for_generation` at every decoding step, which, for a class registered with
+# `register_for_auto_class` (this package's classes are, so that `save_pretrained` exports the code), runs
+# `inspect.signature(self.forward)` each time (a check for old hub code): 30-65 us of host time per token on the
+# benchmark CPU that LLaVA, a transformers class, does not pay. Computed once here (the same signature), it is cheap.
+AlignGPTForConditionalGeneration.forward.__signature__ = inspect.signature(AlignGPTForConditionalGeneration.forward)
 
 __all__ = [
     "AlignGPTPreTrainedModel",
