@@ -307,8 +307,24 @@ def test_torch_compile_fullgraph(model, processor, images):
 
 def test_level_out_of_range_is_rejected(model, processor, images):
     inputs = processor(images=images[:1], text=["<image>a box\n"], return_tensors="pt")
-    with pytest.raises(ValueError, match="alignment_levels must lie in 0..7"):
+    with pytest.raises(ValueError, match=r"alignment_levels must lie in 0..7 .*, got \[8\]"):
         model(**inputs, alignment_levels=torch.tensor([8]))
+
+
+def test_misplaced_align_tokens_and_level_count_are_rejected(model, processor, images):
+    align = model.config.alignment_token_id
+    inputs = processor(images=images[:1], text=["<image>a box\n", "no image here"], return_tensors="pt",
+                       padding=True)
+    ids = inputs["input_ids"].clone()
+    ids[1, -1] = align  # a text-only row with an <align> token
+    with pytest.raises(ValueError, match=r"only rows with an image may hold one \(rows \[1\] break this\)"):
+        model(**{**inputs, "input_ids": ids})
+    ids = inputs["input_ids"].clone()
+    ids[0, -1] = align  # a second <align> in the image row
+    with pytest.raises(ValueError, match=r"at most one <align> token.*rows \[0\]"):
+        model(**{**inputs, "input_ids": ids})
+    with pytest.raises(ValueError, match=r"alignment_levels needs one level per row \(2\), got 1"):
+        model(**inputs, alignment_levels=torch.tensor([3]))
 
 
 def test_placeholder_feature_mismatch_is_rejected(model, processor, images):
@@ -316,7 +332,7 @@ def test_placeholder_feature_mismatch_is_rejected(model, processor, images):
     cut = {k: v[:, :-6] if k != "pixel_values" else v for k, v in inputs.items()}
     cut["input_ids"] = torch.cat([inputs["input_ids"][:, :5], inputs["input_ids"][:, 10:]], dim=1)
     cut["attention_mask"] = torch.ones_like(cut["input_ids"])
-    with pytest.raises(ValueError, match="number of <image> placeholder tokens does not match the images"):
+    with pytest.raises(ValueError, match=r"does not match the images: 11 <image> tokens for 1 images, which need 1 x 16"):
         model(**cut)
     with pytest.raises(ValueError, match="no pixel_values"):
         model(input_ids=inputs["input_ids"])

@@ -16,6 +16,7 @@ The alignment vector of a row, with `E = alignment_embeddings.weight` of shape (
 """
 
 import inspect
+import os
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +31,7 @@ from transformers.modeling_outputs import (
     MultimodalCausalLMOutputWithPast,
 )
 from transformers.modeling_utils import slice_logits_to_keep
-from transformers.utils import torch_compilable_check
+from transformers.utils import is_tracing, torch_compilable_check
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import select_hidden_states
 
@@ -185,34 +186,51 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
             )
 
     def check_placeholders(self, image_mask, align_mask, num_images, num_patches, alignment_levels):
-        """Placeholder counts against the images, and the alignment levels' range."""
-        image_tokens = image_mask.sum(-1)
-        count_ok = image_tokens.sum() == num_images * num_patches
-        align_ok = (align_mask.sum(-1) <= (image_tokens > 0)).all()
-
-        def message():  # read only when a check failed
-            if not count_ok:
-                return (
-                    "The number of <image> placeholder tokens does not match the images: "
-                    f"{num_images} images need {num_images} x {num_patches} <image> tokens. Build inputs with "
-                    "AlignGPTProcessor (one <image> per image in the text) and make sure truncation does not cut "
-                    "them."
+        """Placeholder counts against the images, one `<align>` at most per row and only on image rows, and the
+        alignment levels' range. Eager: one small device-to-host copy (this forward's one sync) and the checks in
+        Python; traced (torch.compile / export): `torch_compilable_check`s, which are also the compiler's hints."""
+        levels = self.config.num_alignment_levels
+        batch_size = image_mask.shape[0]
+        if alignment_levels is not None and alignment_levels.numel() != batch_size:
+            raise ValueError(
+                f"alignment_levels needs one level per row ({batch_size}), got {alignment_levels.numel()}."
+            )
+        count_message = (
+            "The number of <image> placeholder tokens does not match the images: {found} <image> tokens for "
+            f"{num_images} images, which need {num_images} x {num_patches}. Build inputs with AlignGPTProcessor "
+            "(one <image> per image in the text) and make sure truncation does not cut them."
+        )
+        align_message = "Each row may hold at most one <align> token, and only rows with an image may hold one{rows}."
+        level_message = (
+            f"alignment_levels must lie in 0..{levels - 1} (one per row); bucket the CLIP scores with "
+            f"`assign_levels(scores, num_levels={levels})`{{found}}."
+        )
+        if is_tracing():
+            image_tokens = image_mask.sum(-1)
+            torch_compilable_check(image_tokens.sum() == num_images * num_patches, count_message.format(found="other"))
+            torch_compilable_check((align_mask.sum(-1) <= (image_tokens > 0)).all(), align_message.format(rows=""))
+            if alignment_levels is not None:
+                torch_compilable_check(
+                    ((alignment_levels >= 0) & (alignment_levels < levels)).all(), level_message.format(found="")
                 )
-            return "Each row may hold at most one <align> token, and only rows with an image may hold one."
-
-        # both conditions in one tensor: one host sync in eager mode instead of two
-        torch_compilable_check(count_ok & align_ok, message)
+            return
+        if os.getenv("TRANSFORMERS_DISABLE_TORCH_CHECK", "0") == "1":  # transformers' switch for sync-free checks
+            return
+        # per-row counts (and levels) to the host in one copy: fewer kernels than reducing them on the device
+        rows = [image_mask.sum(-1), align_mask.sum(-1)]
         if alignment_levels is not None:
-            levels = self.config.num_alignment_levels
-            torch_compilable_check(
-                alignment_levels.numel() == image_mask.shape[0],
-                f"alignment_levels needs one level per row ({image_mask.shape[0]}), got {alignment_levels.numel()}.",
-            )
-            torch_compilable_check(
-                ((alignment_levels >= 0) & (alignment_levels < levels)).all(),
-                f"alignment_levels must lie in 0..{levels - 1} (one per row); bucket the CLIP scores with "
-                f"`assign_levels(scores, num_levels={levels})`.",
-            )
+            rows.append(alignment_levels.view(-1).to(rows[0].device, rows[0].dtype))
+        counts = torch.stack(rows).tolist()
+        image_tokens, align_tokens = counts[0], counts[1]
+        if sum(image_tokens) != num_images * num_patches:
+            raise ValueError(count_message.format(found=sum(image_tokens)))
+        bad_rows = [r for r in range(batch_size) if align_tokens[r] > (image_tokens[r] > 0)]
+        if bad_rows:
+            raise ValueError(align_message.format(rows=f" (rows {bad_rows[:8]} break this)"))
+        if alignment_levels is not None:
+            bad_levels = sorted({v for v in counts[2] if not 0 <= v < levels})
+            if bad_levels:
+                raise ValueError(level_message.format(found=f", got {bad_levels[:8]}"))
 
     def compute_alignment_vectors(
         self,

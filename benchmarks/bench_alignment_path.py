@@ -1,0 +1,100 @@
+"""Host cost of AlignGPT's alignment path next to LLaVA's image merge: aten ops and time at tiny widths.
+
+At batch 1 on a GPU, the alignment path (placeholder masks and checks, text mean, affinities, gate, mix, merge) is
+a chain of small kernels whose arithmetic is negligible: its cost is one launch per op. This script counts the
+non-view aten ops each side dispatches (a `TorchDispatchMode` log, the same on every device) and times both on the
+CPU with tiny widths (LLM hidden 64, tower hidden 32, 576 image tokens), where the per-op host overhead dominates
+as launch overhead does on a GPU. Both sides run on the same tensors of models that share their weights
+(`bench_model.build_models`), interleaved; one JSON line per batch size.
+
+    python benchmarks/bench_alignment_path.py [--batches 1,4] [--repeats 300] [--dtype bfloat16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_model as bm  # noqa: E402
+
+
+class OpLog(TorchDispatchMode):
+    """Names of the aten ops dispatched inside the `with` block."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batches", default="1,4")
+    p.add_argument("--repeats", type=int, default=300)
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    bm.SHAPES["tiny"] = {
+        "text": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                     num_key_value_heads=2),
+        "vision": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                       image_size=336, patch_size=14, projection_dim=32),
+    }
+    build_args = argparse.Namespace(shapes="tiny", layers=None, vision_layers=None, image_size=None, device="cpu",
+                                    attn="sdpa", question_max=29)
+    llava, aligngpt = bm.build_models(build_args, dtype)
+    num_image_tokens = 576
+    for batch in [int(b) for b in args.batches.split(",")]:
+        rows = (bm.generation_rows(1, num_image_tokens, seed=11, question_max=29) if batch == 1
+                else bm.train_rows(batch, num_image_tokens, seed=3))
+        inputs = bm.batch_for(build_args, rows, 336, dtype, "left", False, 12, ["aligngpt", "llava"])
+        with torch.no_grad():
+            features = torch.stack(list(aligngpt.model.get_image_features(
+                pixel_values=inputs["aligngpt"]["pixel_values"], return_dict=True).pooler_output)).to(dtype)
+            a_ids, a_mask = inputs["aligngpt"]["input_ids"], inputs["aligngpt"]["attention_mask"]
+            l_ids = inputs["llava"]["input_ids"]
+            sides = {
+                "aligngpt": lambda: bm.alignment_path(aligngpt.model, a_ids, a_mask, features),
+                "llava": lambda: bm.llava_merge(llava.model, l_ids, features),
+            }
+            ops = {}
+            for name, fn in sides.items():
+                with OpLog() as log:
+                    fn()
+                ops[name] = [op for op in log.ops if op not in bm.VIEW_OPS]
+            times = {name: [] for name in sides}
+            for _ in range(10):
+                for fn in sides.values():
+                    fn()
+            for r in range(args.repeats):
+                for name in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
+                    t0 = time.perf_counter()
+                    sides[name]()
+                    times[name].append(time.perf_counter() - t0)
+        med = {name: statistics.median(v) * 1e6 for name, v in times.items()}
+        print(json.dumps({
+            "batch": batch, "dtype": args.dtype, "image_rows": batch - (batch // 4 if batch > 1 else 0),
+            "aligngpt_ops": len(ops["aligngpt"]), "llava_ops": len(ops["llava"]),
+            "aligngpt_us": round(med["aligngpt"], 1), "llava_us": round(med["llava"], 1),
+            "extra_us": round(med["aligngpt"] - med["llava"], 1),
+            "aligngpt_op_names": " ".join(ops["aligngpt"]),
+            "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+        }), flush=True)
+
+
+if __name__ == "__main__":
+    main()
