@@ -319,6 +319,20 @@ def decode_rates(args, dataset, model, image_processor, tokenizer, device, dtype
     return rate, {k: round(v, 1) for k, v in rates.items()}
 
 
+def settings(args, mean_bytes: float) -> dict:
+    """The run's settings and data, as recorded in every result line."""
+    return {
+        "model_config": args.model_config,
+        "image_size": MODEL_CONFIGS[args.model_config]["vision"]["image_size"],
+        "batch_size": args.batch_size,
+        "num_workers": args.num_workers,
+        "jpeg_draft": args.jpeg_draft,
+        "normalize_on_device": args.normalize_on_device,
+        "jpeg_sides": [args.min_side, args.max_side],
+        "jpeg_mean_kb": round(mean_bytes / 1024, 1),
+    }
+
+
 def decode_only_result(args, dataset, model, image_processor, tokenizer, device, dtype, mean_bytes):
     import torch
     import transformers
@@ -330,14 +344,7 @@ def decode_only_result(args, dataset, model, image_processor, tokenizer, device,
         "decode_pairs_per_s_by_backend": by_backend,
         "image_processor": type(image_processor).__name__,
         "num_pairs": len(dataset),
-        "model_config": args.model_config,
-        "image_size": MODEL_CONFIGS[args.model_config]["vision"]["image_size"],
-        "batch_size": args.batch_size,
-        "num_workers": args.num_workers,
-        "jpeg_draft": args.jpeg_draft,
-        "normalize_on_device": args.normalize_on_device,
-        "jpeg_sides": [args.min_side, args.max_side],
-        "jpeg_mean_kb": round(mean_bytes / 1024, 1),
+        **settings(args, mean_bytes),
         "cpu": platform.processor() or platform.machine(),
         "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch": torch.__version__,
@@ -488,18 +495,11 @@ def main(argv=None):
             "image_processor": type(image_processor).__name__,
             "device": str(device),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "model_config": args.model_config,
-            "image_size": MODEL_CONFIGS[args.model_config]["vision"]["image_size"],
             "dtype": str(dtype).replace("torch.", ""),
-            "batch_size": args.batch_size,
-            "num_workers": args.num_workers,
+            **settings(args, mean_bytes),
             "prefetch_factor": args.prefetch_factor,
             "shard_size": args.shard_size,
-            "jpeg_draft": args.jpeg_draft,
-            "normalize_on_device": args.normalize_on_device,
             "compile": args.compile,
-            "jpeg_sides": [args.min_side, args.max_side],
-            "jpeg_mean_kb": round(mean_bytes / 1024, 1),
             "page_cache_dropped": dropped,
             "cpus": cpus,
             "dev_shm_gb": round(shutil.disk_usage("/dev/shm").total / 2**30, 1) if os.path.isdir("/dev/shm") else None,
