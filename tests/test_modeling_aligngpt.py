@@ -420,3 +420,27 @@ def test_forward_signature_is_the_real_one(model):
     expected = [n for n in code.co_varnames[: code.co_argcount + code.co_kwonlyargcount] if n != "self"] + ["kwargs"]
     assert names == expected
     assert {"cache", "alignment_levels", "mm_encoder_outputs", "logits_to_keep"} <= set(names)
+
+
+@pytest.mark.parametrize("adjacent", [True, False])
+def test_suppressed_placeholder_logits(model, processor, adjacent):
+    config = model.config
+    inputs = processor(text=["What is 2 plus 3?"], return_tensors="pt")
+    saved = (config.suppress_placeholder_logits, config.alignment_token_id)
+    try:
+        if not adjacent:
+            config.alignment_token_id = config.image_token_id + 3  # not side by side
+        assert (abs(config.alignment_token_id - config.image_token_id) == 1) is adjacent
+        plain = model(**inputs).logits.detach()
+        config.suppress_placeholder_logits = True
+        out = model(**inputs, labels=inputs["input_ids"])
+        out.loss.backward()  # the in-place fill keeps the LM head differentiable
+        placeholders = [config.image_token_id, config.alignment_token_id]
+        assert (out.logits[..., placeholders] == torch.finfo(out.logits.dtype).min).all()
+        keep = torch.ones(plain.shape[-1], dtype=torch.bool)
+        keep[placeholders] = False
+        torch.testing.assert_close(out.logits.detach()[..., keep], plain[..., keep])
+        assert model.lm_head.weight.grad is not None
+    finally:
+        config.suppress_placeholder_logits, config.alignment_token_id = saved
+        model.zero_grad(set_to_none=True)

@@ -463,11 +463,16 @@ class AlignGPTForConditionalGeneration(AlignGPTPreTrainedModel, GenerationMixin)
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
         logits = self.lm_head(hidden_states)
         if self.config.suppress_placeholder_logits:
-            # <image>/<align> are input slots, never outputs (in place: the LM head's backward does not need them)
-            placeholder_ids = torch.tensor(
-                [self.config.image_token_id, self.config.alignment_token_id], device=logits.device
-            )
-            logits.index_fill_(-1, placeholder_ids, torch.finfo(logits.dtype).min)
+            # <image>/<align> are input slots, never outputs (in place: the LM head's backward does not need them).
+            # Python-int indices: no index tensor to copy to the device at every decoding step; one fill kernel when
+            # the two ids are adjacent (the converter appends them to the vocabulary side by side).
+            low, high = sorted((self.config.image_token_id, self.config.alignment_token_id))
+            lowest = torch.finfo(logits.dtype).min
+            if high - low == 1:
+                logits[..., low : high + 1] = lowest
+            else:
+                logits[..., low] = lowest
+                logits[..., high] = lowest
 
         loss = None
         if labels is not None:
