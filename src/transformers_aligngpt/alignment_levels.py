@@ -7,9 +7,9 @@ file) without the code that made them; this module computes them for any data:
 
 - `score_pairs(dataset, model_name_or_path)`: CLIP (or SigLIP) cosine similarity of each image with its caption,
   through transformers' `AutoModel` (`get_image_features` / `get_text_features`). Images are decoded and
-  preprocessed by the model's image processor (transformers' torchvision backend where torchvision is installed,
-  about 3x faster per image than the PIL one, else PIL) in `torch.utils.data.DataLoader` worker processes; the
-  model runs batched on the accelerator (bf16 / fp16 on GPU). The dataset is cut into contiguous shards; each shard
+  preprocessed by the model's image processor (transformers' torchvision backend where torchvision is installed:
+  about 2x faster per worker than the PIL one, used otherwise) in `torch.utils.data.DataLoader` worker processes;
+  the model runs batched on the accelerator (bf16 / fp16 on GPU). The dataset is cut into contiguous shards; each shard
   is scored with `datasets.Dataset.map(batched=True)` into its own Arrow cache file, named by a datasets fingerprint
   of the shard's content and of the scorer (weights, processor, settings). An interrupted run therefore resumes
   where it stopped: finished shards load from their cache files, only the others are scored. Under
@@ -642,9 +642,9 @@ def score_pairs(
         jpeg_draft: let libjpeg decode large JPEGs at a reduced scale (still at least the processor's resize size):
             much faster for big images, slightly different pixels.
         image_backend: the image processor's backend when it is loaded here: `"auto"` (torchvision if installed,
-            else PIL), `"torchvision"` or `"pil"`. The torchvision one resizes about 3x faster per image
-            (BENCHMARKS.md); the two differ by at most 2 of 255 in a pixel, so scores differ slightly (their
-            caches are separate).
+            else PIL), `"torchvision"` or `"pil"`. With the torchvision one a worker decodes and preprocesses
+            about 2x faster (BENCHMARKS.md); the two differ by at most 2 of 255 in a pixel, so scores differ
+            slightly (their caches are separate).
         max_text_length: token limit of captions (default: the text model's position limit, 77 for CLIP).
         compile: `torch.compile` the image tower (a minute of compilation, faster afterwards on GPU).
         progress: show a progress bar (on the main process).
@@ -855,7 +855,7 @@ def _add_levels_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
         "--image-backend",
         default="auto",
         choices=IMAGE_BACKENDS,
-        help="image processor backend (auto: torchvision when installed, about 3x faster per image, else PIL)",
+        help="image processor backend (auto: torchvision when installed, about 2x faster decoding, else PIL)",
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile the image tower (long runs on GPU)")
     parser.add_argument("--no-progress", action="store_true")

@@ -207,7 +207,9 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         )
         if is_tracing():
             image_tokens = image_mask.sum(-1)
-            torch_compilable_check(image_tokens.sum() == num_images * num_patches, count_message.format(found="other"))
+            torch_compilable_check(
+                image_tokens.sum() == num_images * num_patches, count_message.format(found="a different number of")
+            )
             torch_compilable_check((align_mask.sum(-1) <= (image_tokens > 0)).all(), align_message.format(rows=""))
             if alignment_levels is not None:
                 torch_compilable_check(
@@ -279,11 +281,10 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
 
         gate = self.alignment_gate
         num_images, num_patches = image_features.shape[:2]
-        if batch_size == 1 and num_images > 0:
-            # one row (the batch-1 forward of generation): every image is that row's, no image->row map needed
+        # one row (the batch-1 forward of generation): every image is that row's, no image->row map needed
+        one_row = batch_size == 1 and num_images > 0
+        if one_row:
             affinities = image_features @ text_mean[0]  # (I, P)
-            image_weights = torch.softmax(gate(affinities.to(gate.fc1.weight.dtype)), dim=-1, dtype=torch.float32)
-            row_weights = image_weights if num_images == 1 else image_weights.mean(0, keepdim=True)
         else:
             # Which row each image belongs to, without a Python loop: images are laid out in placeholder order,
             # P placeholders each, so the running count of images per row locates them (static shapes).
@@ -292,9 +293,11 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
                 images_per_row.cumsum(0), torch.arange(num_images, device=images_per_row.device), right=True
             ).clamp(max=batch_size - 1)
             affinities = torch.bmm(image_features, text_mean[row_of_image].unsqueeze(-1)).squeeze(-1)  # (I, P)
-            image_weights = torch.softmax(gate(affinities.to(gate.fc1.weight.dtype)), dim=-1, dtype=torch.float32)
-            # Several images in one row: each image gets its own weights, the row's one <align> token uses their
-            # mean.
+        image_weights = torch.softmax(gate(affinities.to(gate.fc1.weight.dtype)), dim=-1, dtype=torch.float32)
+        # Several images in one row: each image gets its own weights, the row's one <align> token uses their mean.
+        if one_row:
+            row_weights = image_weights if num_images == 1 else image_weights.mean(0, keepdim=True)
+        else:
             row_weights = torch.zeros(batch_size, num_local, device=image_weights.device, dtype=image_weights.dtype)
             row_weights.index_add_(0, row_of_image, image_weights)
             row_weights = row_weights / images_per_row.clamp(min=1).unsqueeze(-1)
