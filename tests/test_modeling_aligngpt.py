@@ -444,3 +444,29 @@ def test_suppressed_placeholder_logits(model, processor, adjacent):
     finally:
         config.suppress_placeholder_logits, config.alignment_token_id = saved
         model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("with_levels", [False, True])
+def test_text_only_batch_in_distributed_training_runs_the_image_branch_for_zero(
+    model, processor, monkeypatch, with_levels
+):
+    # DeepSpeed ZeRO-3 hangs when one process skips modules the others run: a text-only batch then runs the
+    # image branch on a blank image, adding exactly 0 (outputs unchanged, the branch's modules get gradients)
+    inputs = processor(text=["What is 2 plus 3?"], return_tensors="pt")
+    extra = {"alignment_levels": torch.tensor([2])} if with_levels else {}
+    model.train()
+    try:
+        expected = model(**inputs, **extra).logits.detach()
+        model.zero_grad(set_to_none=True)
+        monkeypatch.setattr(type(model.model), "_is_distributed_training", lambda self: True)
+        out = model(**inputs, **extra)
+        torch.testing.assert_close(out.logits.detach(), expected, rtol=0, atol=0)
+        out.logits.sum().backward()
+        inner = model.model
+        assert inner.multi_modal_projector.linear_1.weight.grad is not None
+        branch = inner.alignment_embeddings if with_levels else inner.alignment_gate.fc1
+        assert branch.weight.grad is not None
+        assert not branch.weight.grad.any()  # 0 x the branch: nothing learnt from a text-only batch
+    finally:
+        model.eval()
+        model.zero_grad(set_to_none=True)

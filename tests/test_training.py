@@ -256,6 +256,15 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(config, processo
     )
 
 
+def test_artefact_is_written_when_save_gets_a_state_dict(config, processor, pretraining_dataset, tmp_path):
+    # Trainer.save_model passes the gathered state dict under DeepSpeed / FSDP, and save_pretrained empties it
+    trainer = AlignGPTPretrainer(
+        new_model(config), pretraining_args(tmp_path), train_dataset=pretraining_dataset, processing_class=processor
+    )
+    trainer._save(str(tmp_path / "out"), state_dict=dict(trainer.model.state_dict()))
+    assert (tmp_path / "out" / PRETRAINING_ARTIFACT_NAME).exists()
+
+
 def test_two_process_cpu_run_through_accelerate_launch(tmp_path):
     output = tmp_path / "ddp"
     command = [

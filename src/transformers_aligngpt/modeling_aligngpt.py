@@ -163,6 +163,46 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         image_outputs.pooler_output = self.multi_modal_projector(torch.cat(selected, dim=-1))
         return image_outputs
 
+    def _is_distributed_training(self) -> bool:
+        return (
+            self.training
+            and torch.is_grad_enabled()
+            and torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1
+        )
+
+    def _blank_image_branch(
+        self, inputs_embeds, alignment_levels, vision_feature_layer, vision_feature_select_strategy
+    ) -> torch.Tensor:
+        """0 x the image branch (tower, projector, then the gate or the alignment table as a batch with images would
+        use them) run on one blank image: a scalar zero that keeps those modules in the forward and backward."""
+        vision_config = self.config.vision_config
+        size = vision_config.image_size
+        pixel_values = torch.zeros(
+            1, getattr(vision_config, "num_channels", 3), size, size,
+            device=inputs_embeds.device, dtype=self.vision_tower.dtype,
+        )
+        features = self.get_image_features(
+            pixel_values=pixel_values,
+            vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            return_dict=True,
+        ).pooler_output
+        if isinstance(features, (list, tuple)):
+            features = torch.stack(list(features))
+        features = features.to(inputs_embeds.device, inputs_embeds.dtype)  # (1, P, hidden)
+        # one row: <align>, the P image placeholders, one text token
+        blank = features.new_zeros(1, 1, features.shape[-1])
+        embeds = torch.cat([blank, features, blank], dim=1)
+        image_mask = torch.zeros(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
+        image_mask[:, 1:-1] = True
+        align_mask = torch.zeros_like(image_mask)
+        align_mask[:, 0] = True
+        levels = None if alignment_levels is None else alignment_levels.new_zeros(1)
+        vectors, _ = self.compute_alignment_vectors(features, embeds, image_mask, align_mask, None, levels, None)
+        return (features.sum() + vectors.sum()).to(inputs_embeds.dtype) * 0
+
     def get_placeholder_masks(
         self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor
     ) -> tuple[torch.BoolTensor, torch.BoolTensor]:
@@ -378,6 +418,13 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
                 ~((input_ids == self.config.image_token_id) | (input_ids == self.config.alignment_token_id)).any(),
                 "input_ids contain <image>/<align> placeholder tokens but no pixel_values were given: pass the "
                 "images (the processor returns pixel_values) or remove the placeholders.",
+            )
+        if image_outputs is None and pixel_values is None and self._is_distributed_training():
+            # A batch without images on one process of a distributed run: every process must run the same modules
+            # (DeepSpeed ZeRO-3 gathers each module's weights collectively; DDP reduces the gradients together), so
+            # the image branch runs on a blank image and adds exactly 0.
+            inputs_embeds = inputs_embeds + self._blank_image_branch(
+                inputs_embeds, alignment_levels, vision_feature_layer, vision_feature_select_strategy
             )
 
         outputs = self.language_model(

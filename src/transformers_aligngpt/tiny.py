@@ -153,7 +153,9 @@ def build_tiny_model(texts: Iterable[str] = (), seed: int = 0, **config_kwargs):
     tokenizer = build_tiny_tokenizer(texts)
     config = tiny_config(tokenizer, **config_kwargs)
     torch.manual_seed(seed)
-    model = AlignGPTForConditionalGeneration(config).eval()
+    # `_from_config`, not the constructor: under DeepSpeed ZeRO-3 it builds the model inside `zero.Init` and
+    # initialises the partitioned weights (the constructor would initialise the already partitioned towers)
+    model = AlignGPTForConditionalGeneration._from_config(config).eval()
     return model, build_processor(tokenizer, config)
 
 

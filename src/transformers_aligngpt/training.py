@@ -285,6 +285,9 @@ def load_pretraining_artifact(model: torch.nn.Module, path: str | os.PathLike) -
         renamed[key] = value
     target = _base_model(model)
     own = target.state_dict()
+    # under DeepSpeed ZeRO-3 the parameters are partitioned (empty here): their full shape is `ds_shape`
+    parameters = dict(target.named_parameters())
+    shapes = {key: tuple(getattr(parameters.get(key), "ds_shape", None) or value.shape) for key, value in own.items()}
     expected = {key for key in own if key.startswith(tuple(f"{name}." for name in PRETRAINING_MODULES))}
     loaded = {key.removeprefix("model."): value for key, value in renamed.items()}
     missing = sorted(expected - set(loaded))
@@ -294,11 +297,16 @@ def load_pretraining_artifact(model: torch.nn.Module, path: str | os.PathLike) -
             f"{path} is not a phase-1 artefact for this model: missing {missing}, unexpected {unexpected}."
         )
     for key, value in loaded.items():
-        if own[key].shape != value.shape:
-            raise ValueError(
-                f"{path}: {key} has shape {tuple(value.shape)}, the model expects {tuple(own[key].shape)}."
-            )
-    target.load_state_dict(loaded, strict=False)
+        if shapes[key] != tuple(value.shape):
+            raise ValueError(f"{path}: {key} has shape {tuple(value.shape)}, the model expects {shapes[key]}.")
+    partitioned = [parameters[key] for key in loaded if hasattr(parameters.get(key), "ds_id")]
+    if partitioned:  # ZeRO-3: gather the full tensors, write them, and let DeepSpeed partition them again
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0):
+            target.load_state_dict(loaded, strict=False)
+    else:
+        target.load_state_dict(loaded, strict=False)
     return sorted(f"model.{key}" for key in loaded)
 
 
@@ -525,13 +533,16 @@ class AlignGPTPretrainer(Trainer):
         )
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        # The phase-1 weights are taken before `super()._save`: `save_pretrained` empties the state dict it is given
+        # (which `Trainer.save_model` passes under DeepSpeed and FSDP: the gathered weights).
+        artifact = None
+        if self.args.should_save and getattr(self.args, "save_pretraining_artifact", True):
+            artifact = pretraining_state_dict(
+                state_dict if state_dict is not None else self.accelerator.unwrap_model(self.model).state_dict()
+            )
         super()._save(output_dir, state_dict=state_dict)
-        if not self.args.should_save or not getattr(self.args, "save_pretraining_artifact", True):
-            return
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if state_dict is None:
-            state_dict = self.accelerator.unwrap_model(self.model).state_dict()
-        save_pretraining_artifact(state_dict, output_dir)
+        if artifact is not None:
+            save_pretraining_artifact(artifact, output_dir if output_dir is not None else self.args.output_dir)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -743,7 +754,11 @@ def build_aligngpt_from_pretrained(
         num_alignment_levels=num_alignment_levels,
         **config_kwargs,
     )
-    with torch.device("meta"):
+    try:  # the shell's towers are replaced below: under DeepSpeed ZeRO-3 they must not go through zero.Init
+        from transformers.modeling_utils import set_zero3_state as _no_nested_zero3_init
+    except ImportError:  # older / newer transformers without it
+        from contextlib import nullcontext as _no_nested_zero3_init
+    with torch.device("meta"), _no_nested_zero3_init():
         model = AlignGPTForConditionalGeneration(config)
     base = model.model
     base.language_model = language_model.model
