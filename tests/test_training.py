@@ -281,6 +281,42 @@ def test_two_process_cpu_run_through_accelerate_launch(tmp_path):
     assert (output / PRETRAINING_ARTIFACT_NAME).exists() and (output / "model.safetensors").exists()
 
 
+def cpu_variant_of(config_name: str, tmp_path) -> str:
+    """The shipped accelerate config with only the machine keys changed: 2 CPU processes, no mixed precision."""
+    import yaml
+
+    config = yaml.safe_load((ROOT / "examples" / "accelerate_configs" / config_name).read_text())
+    config.update(num_processes=2, use_cpu=True, mixed_precision="no")
+    path = tmp_path / config_name
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def test_deepspeed_zero3_sft_on_two_processes_with_text_only_batches(tiny_checkpoint, tmp_path):
+    # ZeRO-3 gathers each module's weights collectively: a text-only batch on one process while the other has
+    # images hung before the image branch ran on a blank image; 16 rows at 2 per process give such a step
+    pytest.importorskip("deepspeed")
+    output = tmp_path / "zero3"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", cpu_variant_of("zero3.yaml", tmp_path),
+        str(ROOT / "examples" / "sft.py"), "--model", str(tiny_checkpoint),
+        "--output", str(output), "--max-steps", "4", "--num-rows", "16", "--per-device-train-batch-size", "2",
+    ]
+    env = subprocess_env(tmp_path)
+    # (DeepSpeed compiles its CPU communication op once, ~70 s on two cores, into TORCH_EXTENSIONS_DIR)
+    env.update(DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=str(ROOT / ".torch_extensions"))
+    result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads([line for line in result.stdout.splitlines() if line.startswith('{"world_size"')][-1])
+    assert summary == {"world_size": 2, "global_step": 4}
+    # the 16-bit model gathered from the shards is whole; phase 2 trained the gate, not the alignment table
+    start = AlignGPTForConditionalGeneration.from_pretrained(tiny_checkpoint).model
+    trained = AlignGPTForConditionalGeneration.from_pretrained(output).model
+    assert all(p.numel() > 0 for p in trained.parameters())
+    assert torch.equal(trained.alignment_embeddings.weight, start.alignment_embeddings.weight)
+    assert not torch.equal(trained.alignment_gate.fc1.weight, start.alignment_gate.fc1.weight)
+
+
 # ------------------------------------------------------------------------------------------------------ phase 2
 
 

@@ -11,6 +11,7 @@ Only `argparse` is imported at module level: torch, transformers and TRL are imp
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from collections.abc import Sequence
 
@@ -201,8 +202,6 @@ def build_pretrain_dataset(args: argparse.Namespace):
 def run_pretrain(args: argparse.Namespace):
     """Phase 1 with the parsed flags: trains, saves the checkpoint and the artefact to `args.output`; the trainer."""
     check_pretrain_args(args)
-    import json
-
     import torch
 
     from .training import AlignGPTPretrainer, AlignGPTPretrainingArguments
@@ -488,6 +487,7 @@ def run_sft(args: argparse.Namespace):
         processor.save_pretrained(os.path.join(args.output, "merged"))
     if trainer.is_world_process_zero():
         print(f"phase-2 {'adapter' if args.use_peft else 'model'} saved to {args.output}")
+        print(json.dumps({"world_size": trainer.args.world_size, "global_step": trainer.state.global_step}))
     return trainer
 
 
