@@ -265,22 +265,6 @@ def test_artefact_is_written_when_save_gets_a_state_dict(config, processor, pret
     assert (tmp_path / "out" / PRETRAINING_ARTIFACT_NAME).exists()
 
 
-def test_two_process_cpu_run_through_accelerate_launch(tmp_path):
-    output = tmp_path / "ddp"
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(ROOT / "examples" / "accelerate_configs" / "cpu_2proc.yaml"),
-        str(ROOT / "examples" / "pretrain.py"),
-        "--output-dir", str(output), "--max-steps", "2", "--num-rows", "8", "--per-device-train-batch-size", "2",
-    ]
-    env = subprocess_env(tmp_path)
-    result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    summary = json.loads([line for line in result.stdout.splitlines() if line.startswith('{"world_size"')][-1])
-    assert summary == {"world_size": 2, "global_step": 2}
-    assert (output / PRETRAINING_ARTIFACT_NAME).exists() and (output / "model.safetensors").exists()
-
-
 def cpu_variant_of(config_name: str, tmp_path) -> str:
     """The shipped accelerate config with only the machine keys changed: 2 CPU processes, no mixed precision."""
     import yaml
@@ -290,6 +274,28 @@ def cpu_variant_of(config_name: str, tmp_path) -> str:
     path = tmp_path / config_name
     path.write_text(yaml.safe_dump(config))
     return str(path)
+
+
+@pytest.mark.parametrize("launcher", ["ddp", "deepspeed_zero2"])
+def test_two_process_cpu_run_through_accelerate_launch(tmp_path, launcher):
+    output = tmp_path / launcher
+    env = subprocess_env(tmp_path)
+    if launcher == "ddp":
+        config = str(ROOT / "examples" / "accelerate_configs" / "cpu_2proc.yaml")
+    else:  # the shipped ZeRO-2 config of phase 1 (under ZeRO the artefact comes from the gathered state dict)
+        pytest.importorskip("deepspeed")
+        config = cpu_variant_of("zero2.yaml", tmp_path)
+        env.update(DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=str(ROOT / ".torch_extensions"))
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", config,
+        str(ROOT / "examples" / "pretrain.py"),
+        "--output-dir", str(output), "--max-steps", "2", "--num-rows", "8", "--per-device-train-batch-size", "2",
+    ]
+    result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads([line for line in result.stdout.splitlines() if line.startswith('{"world_size"')][-1])
+    assert summary == {"world_size": 2, "global_step": 2}
+    assert (output / PRETRAINING_ARTIFACT_NAME).exists() and (output / "model.safetensors").exists()
 
 
 def test_deepspeed_zero3_sft_on_two_processes_with_text_only_batches(tiny_checkpoint, tmp_path):
