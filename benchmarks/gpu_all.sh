@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # All GPU benchmarks in one device call (the lent GPU has ~15 minutes per session, start-up included).
-# Run from the repository root with the wheels of transformers 5.24, trl, bitsandbytes, datasets (+ dill,
-# multiprocess) in .whl/ (see benchmarks/README.md). Each benchmark has its own time limit; JSON lines go to $OUT.
+# Run from the repository root. The GPU machine lacked transformers 5.24, trl, bitsandbytes and datasets (+ dill,
+# multiprocess): their wheels travel in .whl/ (git-ignored), fetched beforehand on a machine with PyPI access:
+#   pip download -d .whl --only-binary=:all: --no-deps --python-version 3.12 --platform manylinux_2_24_x86_64 \
+#     --platform manylinux_2_28_x86_64 transformers==5.24.0 trl==1.16.0 bitsandbytes==0.50.2 datasets==5.2.0 \
+#     dill==0.4.0 multiprocess==0.70.18
+# Each benchmark has its own time limit; JSON lines go to $OUT.
 set -u
 OUT=${OUT:-outputs/gpu}
 mkdir -p "$OUT"
