@@ -48,12 +48,6 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    bm.SHAPES["tiny"] = {
-        "text": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
-                     num_key_value_heads=2),
-        "vision": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                       image_size=336, patch_size=14, projection_dim=32),
-    }
     build_args = argparse.Namespace(shapes="tiny", layers=None, vision_layers=None, image_size=None, device="cpu",
                                     attn="sdpa", question_max=29)
     llava, aligngpt = bm.build_models(build_args, dtype)

@@ -63,6 +63,13 @@ SHAPES = {
         "vision": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
                        image_size=336, patch_size=14, projection_dim=256),
     },
+    # host-overhead shapes (bench_alignment_path.py, bench_decode_step.py): arithmetic negligible, the real patch grid
+    "tiny": {
+        "text": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                     num_key_value_heads=2),
+        "vision": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                       image_size=336, patch_size=14, projection_dim=32),
+    },
     # Vicuna-7B-v1.5 + CLIP ViT-L/14-336 (the released aligngpt-7b / llava-1.5-7b)
     "7b": {
         "text": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -711,7 +718,7 @@ def over_budget(args, rec, case, batch, path=None) -> bool:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--shapes", choices=sorted(SHAPES), default=None, help="small (CPU default) or 7b (GPU default)")
+    p.add_argument("--shapes", choices=sorted(SHAPES), default=None, help="small (CPU default), 7b (GPU default) or tiny")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="float32 on CPU, bfloat16 on GPU by default")
     p.add_argument("--attn", default="sdpa", help="sdpa, eager or flash_attention_2")

@@ -1,0 +1,104 @@
+"""Host time generate() spends per decoding step in `prepare_inputs_for_generation`, AlignGPT next to LLaVA.
+
+With the static cache and the compiled decoding step, a batch-1 token costs a few milliseconds on a GPU, and the
+Python around the compiled call counts. transformers' `prepare_inputs_for_generation` runs
+`inspect.signature(self.forward)` at every step for classes registered with `register_for_auto_class` (AlignGPT's
+are, so that `save_pretrained` exports the code; LLaVA's are not); the package computes that signature once
+(`modeling_aligngpt`). This script times the method on a real decoding step's arguments (captured from `generate`),
+for LLaVA, AlignGPT, and AlignGPT with the cached signature removed (the code before the fix), interleaved; tiny
+shapes (`bench_model.SHAPES["tiny"]`), CPU, one thread. One JSON line.
+
+    python benchmarks/bench_decode_step.py [--repeats 3000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_model as bm  # noqa: E402
+
+
+def capture_decode_step(model, batch) -> tuple:
+    """(input_ids, args, kwargs) of `prepare_inputs_for_generation` in the second step of a static-cache generate."""
+    calls = []
+    original = model.prepare_inputs_for_generation
+
+    def spy(input_ids, *args, **kwargs):
+        calls.append((input_ids, args, dict(kwargs)))
+        return original(input_ids, *args, **kwargs)
+
+    model.prepare_inputs_for_generation = spy
+    try:
+        with torch.no_grad():
+            model.generate(**batch, max_new_tokens=3, min_new_tokens=3, do_sample=False,
+                           cache_implementation="static", disable_compile=True)
+    finally:
+        del model.prepare_inputs_for_generation
+    return calls[1]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--repeats", type=int, default=3000)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    build_args = argparse.Namespace(shapes="tiny", layers=None, vision_layers=None, image_size=None, device="cpu",
+                                    attn="sdpa", question_max=29)
+    llava, aligngpt = bm.build_models(build_args, torch.float32)
+    rows = bm.generation_rows(1, 576, seed=11, question_max=29)
+    batches = bm.batch_for(build_args, rows, 336, torch.float32, "left", False, 12, ["aligngpt", "llava"])
+    steps = {name: capture_decode_step(model, batches[name])
+             for name, model in (("aligngpt", aligngpt), ("llava", llava))}
+    forward = type(aligngpt).forward
+    cached = forward.__dict__.get("__signature__")
+
+    def call(model, name, uncached=False):
+        def run():
+            if uncached:
+                forward.__dict__.pop("__signature__", None)
+            try:
+                ids, a, kw = steps[name]
+                return model.prepare_inputs_for_generation(ids, *a, **kw)
+            finally:
+                if uncached and cached is not None:
+                    forward.__signature__ = cached
+        return run
+
+    variants = {"llava": call(llava, "llava"), "aligngpt": call(aligngpt, "aligngpt"),
+                "aligngpt_signature_uncached": call(aligngpt, "aligngpt", uncached=True)}
+    times = {k: [] for k in variants}
+    order = random.Random(0)
+    with torch.no_grad():
+        for fn in variants.values():
+            for _ in range(20):
+                fn()
+        for _ in range(args.repeats):
+            names = list(variants)
+            order.shuffle(names)
+            for name in names:
+                t0 = time.perf_counter()
+                variants[name]()
+                times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) * 1e6 for k, v in times.items()}
+    print(json.dumps({
+        "case": "prepare_inputs_for_generation, one decoding step (batch 1, static cache)",
+        **{f"{k}_us": round(v, 1) for k, v in med.items()},
+        "ratio": round(med["aligngpt"] / med["llava"], 3),
+        "ratio_signature_uncached": round(med["aligngpt_signature_uncached"] / med["llava"], 3),
+        "signature_cached": cached is not None,
+        "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+    }), flush=True)
+
+
+if __name__ == "__main__":
+    main()
