@@ -276,21 +276,15 @@ def cpu_variant_of(config_name: str, tmp_path) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("launcher", ["ddp", "deepspeed_zero2"])
-def test_two_process_cpu_run_through_accelerate_launch(tmp_path, launcher):
-    output = tmp_path / launcher
-    env = subprocess_env(tmp_path)
-    if launcher == "ddp":
-        config = str(ROOT / "examples" / "accelerate_configs" / "cpu_2proc.yaml")
-    else:  # the shipped ZeRO-2 config of phase 1 (under ZeRO the artefact comes from the gathered state dict)
-        pytest.importorskip("deepspeed")
-        config = cpu_variant_of("zero2.yaml", tmp_path)
-        env.update(DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=str(ROOT / ".torch_extensions"))
+def test_two_process_cpu_run_through_accelerate_launch(tmp_path):
+    output = tmp_path / "ddp"
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", config,
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(ROOT / "examples" / "accelerate_configs" / "cpu_2proc.yaml"),
         str(ROOT / "examples" / "pretrain.py"),
         "--output-dir", str(output), "--max-steps", "2", "--num-rows", "8", "--per-device-train-batch-size", "2",
     ]
+    env = subprocess_env(tmp_path)
     result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads([line for line in result.stdout.splitlines() if line.startswith('{"world_size"')][-1])
@@ -298,22 +292,51 @@ def test_two_process_cpu_run_through_accelerate_launch(tmp_path, launcher):
     assert (output / PRETRAINING_ARTIFACT_NAME).exists() and (output / "model.safetensors").exists()
 
 
-def test_deepspeed_zero3_sft_on_two_processes_with_text_only_batches(tiny_checkpoint, tmp_path):
-    # ZeRO-3 gathers each module's weights collectively: a text-only batch on one process while the other has
-    # images hung before the image branch ran on a blank image; 16 rows at 2 per process give such a step
-    pytest.importorskip("deepspeed")
-    output = tmp_path / "zero3"
+def deepspeed_launch(config_name: str, script: str, args: list, tmp_path) -> dict:
+    """Runs `script` under the shipped DeepSpeed config on two CPU processes; its world_size/global_step line."""
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", cpu_variant_of("zero3.yaml", tmp_path),
-        str(ROOT / "examples" / "sft.py"), "--model", str(tiny_checkpoint),
-        "--output", str(output), "--max-steps", "4", "--num-rows", "16", "--per-device-train-batch-size", "2",
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", cpu_variant_of(config_name, tmp_path),
+        str(ROOT / "examples" / script), *map(str, args),
     ]
     env = subprocess_env(tmp_path)
     # (DeepSpeed compiles its CPU communication op once, ~70 s on two cores, into TORCH_EXTENSIONS_DIR)
     env.update(DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=str(ROOT / ".torch_extensions"))
     result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    summary = json.loads([line for line in result.stdout.splitlines() if line.startswith('{"world_size"')][-1])
+    return json.loads([line for line in result.stdout.splitlines() if line.startswith('{"world_size"')][-1])
+
+
+def test_deepspeed_paper_route_zero2_phase1_then_zero3_phase2(tmp_path):
+    # the paper's recipe from a plain LLM + CLIP tower: phase 1 under ZeRO-2 (the artefact comes from the gathered
+    # state dict), phase 2 under ZeRO-3 (the model is built while ZeRO-3 is on; the artefact loads into
+    # partitioned parameters)
+    pytest.importorskip("deepspeed")
+    from safetensors.torch import load_file
+
+    llm_dir, clip_dir, _, _ = save_plain_llm_and_tower(tmp_path)
+    base = ["--language-model", llm_dir, "--vision-tower", clip_dir, "--per-device-train-batch-size", 2]
+    phase1, phase2 = tmp_path / "phase1", tmp_path / "phase2"
+    summary = deepspeed_launch("zero2.yaml", "pretrain.py", base + ["--output", phase1, "--max-steps", 2,
+                                                                     "--num-rows", 8], tmp_path)
+    assert summary == {"world_size": 2, "global_step": 2}
+    artefact = load_file(phase1 / PRETRAINING_ARTIFACT_NAME)
+    summary = deepspeed_launch("zero3.yaml", "sft.py", base + [
+        "--pretrain-artifact", phase1 / PRETRAINING_ARTIFACT_NAME, "--output", phase2, "--max-steps", 4,
+        "--num-rows", 16], tmp_path)
+    assert summary == {"world_size": 2, "global_step": 4}
+    trained = AlignGPTForConditionalGeneration.from_pretrained(phase2).model
+    table = next(v for k, v in artefact.items() if k.endswith("alignment_embeddings.weight"))
+    assert torch.equal(trained.alignment_embeddings.weight, table)  # loaded from phase 1, frozen in phase 2
+
+
+def test_deepspeed_zero3_sft_on_two_processes_with_text_only_batches(tiny_checkpoint, tmp_path):
+    # ZeRO-3 gathers each module's weights collectively: a text-only batch on one process while the other has
+    # images hung before the image branch ran on a blank image; 16 rows at 2 per process give such a step
+    pytest.importorskip("deepspeed")
+    output = tmp_path / "zero3"
+    summary = deepspeed_launch("zero3.yaml", "sft.py", ["--model", tiny_checkpoint, "--output", output,
+                                                        "--max-steps", 4, "--num-rows", 16,
+                                                        "--per-device-train-batch-size", 2], tmp_path)
     assert summary == {"world_size": 2, "global_step": 4}
     # the 16-bit model gathered from the shards is whole; phase 2 trained the gate, not the alignment table
     start = AlignGPTForConditionalGeneration.from_pretrained(tiny_checkpoint).model
@@ -541,19 +564,14 @@ def test_trl_sft_cli_on_a_saved_checkpoint(tiny_checkpoint, instruction_dataset,
 # ------------------------------------------------------------------------------------------------------ helpers
 
 
-def test_build_from_a_pretrained_llm_and_vision_tower(tokenizer, tmp_path):
-    from transformers import AutoTokenizer, CLIPVisionModel, LlamaForCausalLM
-    from transformers.models.llava.image_processing_pil_llava import (
-        LlavaImageProcessorPil,
-    )
+def save_plain_llm_and_tower(tmp_path):
+    """A "Vicuna" without the placeholder tokens and a "CLIP" with its preprocessor config, saved locally:
+    (llm_dir, clip_dir, llm, clip)."""
+    from transformers import CLIPVisionModel, LlamaForCausalLM
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
-    from transformers_aligngpt.tiny import (
-        build_tiny_tokenizer,
-        tiny_text_config,
-        tiny_vision_config,
-    )
+    from transformers_aligngpt.tiny import build_tiny_tokenizer, tiny_text_config, tiny_vision_config
 
-    # a "Vicuna" without the placeholder tokens and a "CLIP" with its preprocessor config, saved locally
     llm_dir, clip_dir = tmp_path / "llm", tmp_path / "clip"
     plain_tokenizer = build_tiny_tokenizer()
     plain_tokenizer.save_pretrained(llm_dir)
@@ -563,6 +581,13 @@ def test_build_from_a_pretrained_llm_and_vision_tower(tokenizer, tmp_path):
     clip = CLIPVisionModel(tiny_vision_config())
     clip.save_pretrained(clip_dir)
     LlavaImageProcessorPil(image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.3, 0.4]).save_pretrained(clip_dir)
+    return llm_dir, clip_dir, llm, clip
+
+
+def test_build_from_a_pretrained_llm_and_vision_tower(tokenizer, tmp_path):
+    from transformers import AutoTokenizer
+
+    llm_dir, clip_dir, llm, clip = save_plain_llm_and_tower(tmp_path)
 
     model, processor = build_aligngpt_from_pretrained(llm_dir, clip_dir, num_alignment_levels=6, dtype=torch.float32)
     assert AutoTokenizer.from_pretrained(llm_dir).convert_tokens_to_ids("<image>") == processor.image_token_id
