@@ -361,7 +361,7 @@ def main(argv=None):
     parser.add_argument("--num-pairs", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=None, help="default 256 on cuda, 32 on cpu")
     parser.add_argument("--num-workers", type=int, default=None, help="default: CPUs - 1")
-    parser.add_argument("--prefetch-factor", type=int, default=2, help="batches each worker prepares ahead")
+    parser.add_argument("--prefetch-factor", type=int, default=4, help="chunks each worker prepares ahead")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--shard-size", type=int, default=8192)
     parser.add_argument("--min-side", type=int, default=300, help="generated JPEG sides, pixels")
