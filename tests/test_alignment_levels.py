@@ -211,6 +211,33 @@ def test_image_backend_choice_and_separate_caches(clip_tiny_dir, clip_pairs, tmp
     np.testing.assert_allclose(fast, pil, rtol=0, atol=2e-2)
 
 
+def test_worker_chunks_join_into_the_batch_the_tokenizer_would_make(clip_tokenizer):
+    # a batch decoded in chunks must reach the model exactly as if it had been prepared whole
+    from transformers_aligngpt.alignment_levels import _merge_chunks
+
+    captions = ["a red box", "a tall blue box on a small green table", "two boxes", "one"]
+    whole = clip_tokenizer(captions, padding="longest", return_tensors="pt")
+    pixels = torch.arange(4 * 3 * 2 * 2, dtype=torch.uint8).reshape(4, 3, 2, 2)
+
+    def chunk(rows, ok=True):
+        return {
+            "indices": np.array(rows), "ok": np.array([ok] * len(rows)), "errors": [None] * len(rows),
+            "pixel_values": pixels[rows] if ok else None,
+            "text": dict(clip_tokenizer([captions[r] for r in rows], padding="longest", return_tensors="pt")),
+        }
+
+    merged = _merge_chunks([chunk([0]), chunk([1, 2]), chunk([3])], clip_tokenizer.pad_token_id)
+    assert merged["indices"].tolist() == [0, 1, 2, 3] and merged["ok"].all()
+    assert torch.equal(torch.cat(merged["pixel_values"]), pixels)
+    for key in ("input_ids", "attention_mask"):
+        assert torch.equal(merged["text"][key], whole[key]), key
+    # a chunk whose rows all failed adds its rows and errors, no pixels or text
+    failed = {**chunk([1], ok=False), "errors": ["undecodable image"], "text": {}}
+    merged = _merge_chunks([chunk([0]), failed], clip_tokenizer.pad_token_id)
+    assert merged["ok"].tolist() == [True, False] and merged["errors"] == [None, "undecodable image"]
+    assert len(merged["pixel_values"]) == 1 and merged["text"]["input_ids"].shape[0] == 1
+
+
 def test_images_are_decoded_in_worker_processes(clip_tiny_dir, clip_pairs, tmp_path, monkeypatch):
     folder, files, captions = clip_pairs(12)
     pid_dir = tmp_path / "pids"
