@@ -362,7 +362,7 @@ def paired(args, device: torch.device, rounds: int) -> dict:
         for kind in (("aligngpt", "llava") if r % 2 == 0 else ("llava", "aligngpt")):
             trainer, timer = trainers[kind]
             timer.start = timer.end = None
-            trainer.train()  # a fresh optimizer per block (its first steps are the warmup), weights carry on
+            trainer.train()  # weights and optimizer carry over between blocks; each block times its last `steps`
             rates[kind].append(timed_tokens_per_s(timer, args.seq_len))
     ratios = [a / b for a, b in zip(rates["aligngpt"], rates["llava"])]
     ordered = sorted(ratios)
