@@ -5,6 +5,7 @@ Tiny random models (hidden 64, 2 layers) and a few solid-colour images; every ru
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -285,28 +286,48 @@ def test_two_process_cpu_run_through_accelerate_launch(tmp_path):
         "--output-dir", str(output), "--max-steps", "2", "--num-rows", "8", "--per-device-train-batch-size", "2",
     ]
     env = subprocess_env(tmp_path)
-    result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300, env=env)
+    result = run_launcher(command, env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads([line for line in result.stdout.splitlines() if line.startswith('{"world_size"')][-1])
     assert summary == {"world_size": 2, "global_step": 2}
     assert (output / PRETRAINING_ARTIFACT_NAME).exists() and (output / "model.safetensors").exists()
 
 
-def deepspeed_launch(config_name: str, script: str, args: list, tmp_path) -> dict:
+def run_launcher(command: list, env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Runs an `accelerate launch` command in its own process group; on a timeout (a hang) the launcher and its
+    worker processes are killed together and the test fails with their output."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                               start_new_session=True)
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        out, err = process.communicate()
+        pytest.fail(f"no result after {timeout} s (hung?)\n{out[-3000:]}{err[-3000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, out, err)
+
+
+@pytest.fixture(scope="session")
+def torch_extensions_dir(tmp_path_factory):
+    """Where DeepSpeed compiles its CPU communication op (~70 s on two cores, once per test session): a fresh folder,
+    so a build of another torch version or a lock left by a killed build elsewhere cannot stall the tests."""
+    return tmp_path_factory.mktemp("torch_extensions")
+
+
+def deepspeed_launch(config_name: str, script: str, args: list, tmp_path, extensions_dir) -> dict:
     """Runs `script` under the shipped DeepSpeed config on two CPU processes; its world_size/global_step line."""
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", cpu_variant_of(config_name, tmp_path),
         str(ROOT / "examples" / script), *map(str, args),
     ]
     env = subprocess_env(tmp_path)
-    # (DeepSpeed compiles its CPU communication op once, ~70 s on two cores, into TORCH_EXTENSIONS_DIR)
-    env.update(DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=str(ROOT / ".torch_extensions"))
-    result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300, env=env)
+    env.update(DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=str(extensions_dir))
+    result = run_launcher(command, env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return json.loads([line for line in result.stdout.splitlines() if line.startswith('{"world_size"')][-1])
 
 
-def test_deepspeed_paper_route_zero2_phase1_then_zero3_phase2(tmp_path):
+def test_deepspeed_paper_route_zero2_phase1_then_zero3_phase2(tmp_path, torch_extensions_dir):
     # the paper's recipe from a plain LLM + CLIP tower: phase 1 under ZeRO-2 (the artefact comes from the gathered
     # state dict), phase 2 under ZeRO-3 (the model is built while ZeRO-3 is on; the artefact loads into
     # partitioned parameters)
@@ -317,26 +338,27 @@ def test_deepspeed_paper_route_zero2_phase1_then_zero3_phase2(tmp_path):
     base = ["--language-model", llm_dir, "--vision-tower", clip_dir, "--per-device-train-batch-size", 2]
     phase1, phase2 = tmp_path / "phase1", tmp_path / "phase2"
     summary = deepspeed_launch("zero2.yaml", "pretrain.py", base + ["--output", phase1, "--max-steps", 2,
-                                                                     "--num-rows", 8], tmp_path)
+                                                                     "--num-rows", 8], tmp_path, torch_extensions_dir)
     assert summary == {"world_size": 2, "global_step": 2}
     artefact = load_file(phase1 / PRETRAINING_ARTIFACT_NAME)
     summary = deepspeed_launch("zero3.yaml", "sft.py", base + [
         "--pretrain-artifact", phase1 / PRETRAINING_ARTIFACT_NAME, "--output", phase2, "--max-steps", 4,
-        "--num-rows", 16], tmp_path)
+        "--num-rows", 16], tmp_path, torch_extensions_dir)
     assert summary == {"world_size": 2, "global_step": 4}
     trained = AlignGPTForConditionalGeneration.from_pretrained(phase2).model
     table = next(v for k, v in artefact.items() if k.endswith("alignment_embeddings.weight"))
     assert torch.equal(trained.alignment_embeddings.weight, table)  # loaded from phase 1, frozen in phase 2
 
 
-def test_deepspeed_zero3_sft_on_two_processes_with_text_only_batches(tiny_checkpoint, tmp_path):
+def test_deepspeed_zero3_sft_on_two_processes_with_text_only_batches(tiny_checkpoint, tmp_path, torch_extensions_dir):
     # ZeRO-3 gathers each module's weights collectively: a text-only batch on one process while the other has
     # images hung before the image branch ran on a blank image; 16 rows at 2 per process give such a step
     pytest.importorskip("deepspeed")
     output = tmp_path / "zero3"
     summary = deepspeed_launch("zero3.yaml", "sft.py", ["--model", tiny_checkpoint, "--output", output,
                                                         "--max-steps", 4, "--num-rows", 16,
-                                                        "--per-device-train-batch-size", 2], tmp_path)
+                                                        "--per-device-train-batch-size", 2], tmp_path,
+                        torch_extensions_dir)
     assert summary == {"world_size": 2, "global_step": 4}
     # the 16-bit model gathered from the shards is whole; phase 2 trained the gate, not the alignment table
     start = AlignGPTForConditionalGeneration.from_pretrained(tiny_checkpoint).model
