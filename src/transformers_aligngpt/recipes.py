@@ -199,6 +199,11 @@ def build_pretrain_dataset(args: argparse.Namespace):
     return dataset.rename_column("caption_quality", "alignment_level")
 
 
+def print_run_summary(trainer) -> None:
+    """The last line of `aligngpt pretrain|sft` (one JSON object: processes and optimizer steps), read by scripts."""
+    print(json.dumps({"world_size": trainer.args.world_size, "global_step": trainer.state.global_step}))
+
+
 def run_pretrain(args: argparse.Namespace):
     """Phase 1 with the parsed flags: trains, saves the checkpoint and the artefact to `args.output`; the trainer."""
     check_pretrain_args(args)
@@ -235,7 +240,7 @@ def run_pretrain(args: argparse.Namespace):
     trainer.save_model(args.output)
     if trainer.is_world_process_zero():
         print(f"phase-1 checkpoint and mm_projector_align.safetensors saved to {args.output}")
-        print(json.dumps({"world_size": training_args.world_size, "global_step": trainer.state.global_step}))
+        print_run_summary(trainer)
     return trainer
 
 
@@ -487,7 +492,7 @@ def run_sft(args: argparse.Namespace):
         processor.save_pretrained(os.path.join(args.output, "merged"))
     if trainer.is_world_process_zero():
         print(f"phase-2 {'adapter' if args.use_peft else 'model'} saved to {args.output}")
-        print(json.dumps({"world_size": trainer.args.world_size, "global_step": trainer.state.global_step}))
+        print_run_summary(trainer)
     return trainer
 
 
