@@ -272,27 +272,27 @@ def measure_decode(dataset, model, image_processor, tokenizer, args, device, dty
 
 
 class BatchClock:
-    """Records when each scored batch comes back (`_ClipScorer.__call__` ends with a device-to-host copy, so the
-    time is the batch's completion) and how many pairs it held: the steady-state rate leaves out the pipeline fill
-    (the first batch waits for a worker to decode a whole batch) and the drain."""
+    """Records when each scored batch comes back (`_ClipScorer.finish` waits for the batch's scores on the host, so
+    the time is the batch's completion) and how many pairs it held: the steady-state rate leaves out the pipeline
+    fill (the first batch waits for a worker to decode a whole batch) and the drain."""
 
     def __init__(self):
         from transformers_aligngpt import alignment_levels
 
         self.events: list[tuple[float, int]] = []
         self.cls = alignment_levels._ClipScorer
-        self.original = self.cls.__call__
+        self.original = self.cls.finish
         clock = self
 
-        def timed(scorer, batch):
-            out = clock.original(scorer, batch)
+        def timed(scorer, batch, launched):
+            out = clock.original(scorer, batch, launched)
             clock.events.append((time.perf_counter(), len(batch["indices"])))
             return out
 
-        self.cls.__call__ = timed
+        self.cls.finish = timed
 
     def close(self):
-        self.cls.__call__ = self.original
+        self.cls.finish = self.original
 
     def steady(self, start: float) -> dict:
         if len(self.events) < 4:

@@ -187,6 +187,66 @@ def test_scores_equal_independent_cosine(clip_tiny_dir, clip_tiny, clip_pairs, t
     np.testing.assert_allclose(scores_of(out_images), expected, rtol=0, atol=1e-5)
 
 
+def test_compiled_tower_pads_short_batches_instead_of_recompiling(
+    clip_tiny_dir, clip_tiny, clip_pairs, tmp_path, monkeypatch
+):
+    # 37 pairs in batches of 8: the last batch holds 5. Compiled, the tower must see one shape only (a recompile
+    # costs about a minute on a GPU), and the padding must not change a score. Dynamo runs for real, with its
+    # "eager" backend (inductor's code generation is slow on a CPU and has no say in shapes).
+    folder, files, captions = clip_pairs(37)
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, backend="eager"))
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    torch._dynamo.reset()
+    try:
+        out = score_pairs(
+            pair_dataset(folder, files, captions),
+            clip_tiny_dir,
+            batch_size=8,
+            num_workers=0,
+            cache_dir=tmp_path / "cache",
+            device="cpu",
+            compile=True,
+            progress=False,
+        )
+    finally:
+        torch._dynamo.reset()
+    expected = reference_scores(clip_tiny, [folder / f for f in files], captions)
+    np.testing.assert_allclose(scores_of(out), expected, rtol=0, atol=1e-5)
+
+
+def test_next_batch_is_queued_before_the_scores_are_read(clip_tiny_dir, clip_pairs, tmp_path, monkeypatch):
+    # one batch in flight: the device gets batch k+1 before the host waits for batch k's scores
+    from transformers_aligngpt.alignment_levels import _ClipScorer
+
+    folder, files, captions = clip_pairs(20)
+    order = []
+    launch, finish = _ClipScorer.launch, _ClipScorer.finish
+
+    def recording_launch(self, batch):
+        order.append(("launch", int(batch["indices"][0])))
+        return launch(self, batch)
+
+    def recording_finish(self, batch, launched):
+        order.append(("finish", int(batch["indices"][0])))
+        return finish(self, batch, launched)
+
+    monkeypatch.setattr(_ClipScorer, "launch", recording_launch)
+    monkeypatch.setattr(_ClipScorer, "finish", recording_finish)
+    score_pairs(
+        pair_dataset(folder, files, captions),
+        clip_tiny_dir,
+        batch_size=8,
+        num_workers=0,
+        cache_dir=tmp_path / "cache",
+        device="cpu",
+        progress=False,
+    )
+    assert order == [
+        ("launch", 0), ("launch", 8), ("finish", 0), ("launch", 16), ("finish", 8), ("finish", 16)
+    ]
+
+
 def test_image_backend_choice_and_separate_caches(clip_tiny_dir, clip_pairs, tmp_path):
     import importlib.util
 

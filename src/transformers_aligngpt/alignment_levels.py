@@ -361,6 +361,7 @@ class _ClipScorer:
         jpeg_draft: bool,
         max_text_length: int | None,
         compile: bool = False,
+        batch_size: int | None = None,
     ):
         for method in ("get_image_features", "get_text_features"):
             if not hasattr(model, method):
@@ -403,6 +404,9 @@ class _ClipScorer:
         self.draft_size = self._draft_size() if jpeg_draft else None
         # the vision tower is nearly all of the work: compiling it fuses its elementwise ops (worth it for long runs)
         self.image_features = torch.compile(model.get_image_features) if compile else model.get_image_features
+        # Compiled, the tower sees one shape only: a short batch (a shard's last one, or one with bad rows) is padded
+        # with blank images up to `batch_size` rather than recompiled for (about a minute on a GPU, each time).
+        self.pad_images_to = batch_size if compile else None
 
     def _draft_size(self) -> tuple[int, int] | None:
         size = getattr(self.image_processor, "size", None) or {}
@@ -438,24 +442,48 @@ class _ClipScorer:
         )
 
     @torch.inference_mode()
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+    def launch(self, batch: dict[str, Any]) -> tuple[np.ndarray, torch.Tensor | None, Any]:
+        """Queues the batch's forward pass and the copy of its scores to the host, without waiting for either on a
+        GPU: `(ok rows, host scores, event)` for `finish`. The caller prepares the next batch meanwhile, so the GPU
+        never waits for the Python between batches."""
         ok = np.asarray(batch["ok"], dtype=bool)
+        if not ok.any():
+            return ok, None, None
+        # a batch may come in worker chunks: each goes to the device on its own (from pinned memory), joined there
+        parts = batch["pixel_values"] if isinstance(batch["pixel_values"], list) else [batch["pixel_values"]]
+        parts = [part.to(self.device, non_blocking=True) for part in parts]
+        n = int(ok.sum())
+        if self.pad_images_to is not None and n < self.pad_images_to:
+            parts.append(parts[0].new_zeros((self.pad_images_to - n, *parts[0].shape[1:])))
+        pixel_values = parts[0] if len(parts) == 1 else torch.cat(parts)
+        if self.normalize_on_device:
+            a, b = self._affine
+            pixel_values = pixel_values.float() * a + b
+        pixel_values = pixel_values.to(self.dtype)
+        text = {k: v.to(self.device, non_blocking=True) for k, v in batch["text"].items()}
+        image_embeds = _embedding(self.image_features(pixel_values=pixel_values))[:n]
+        text_embeds = _embedding(self.model.get_text_features(**text))
+        cosine = torch.nn.functional.cosine_similarity(image_embeds.float(), text_embeds.float(), dim=-1)
+        if self.device.type != "cuda":
+            return ok, cosine.cpu(), None
+        host = torch.empty(cosine.shape, dtype=cosine.dtype, pin_memory=True)
+        host.copy_(cosine, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return ok, host, done
+
+    def finish(self, batch: dict[str, Any], launched) -> dict[str, Any]:
+        """Waits for a launched batch's scores (and for nothing queued after them)."""
+        ok, host, done = launched
+        if done is not None:
+            done.synchronize()
         scores = np.full(ok.shape[0], np.nan, dtype=np.float32)
-        if ok.any():
-            # a batch may come in worker chunks: each goes to the device on its own (from pinned memory), joined there
-            parts = batch["pixel_values"] if isinstance(batch["pixel_values"], list) else [batch["pixel_values"]]
-            parts = [part.to(self.device, non_blocking=True) for part in parts]
-            pixel_values = parts[0] if len(parts) == 1 else torch.cat(parts)
-            if self.normalize_on_device:
-                a, b = self._affine
-                pixel_values = pixel_values.float() * a + b
-            pixel_values = pixel_values.to(self.dtype)
-            text = {k: v.to(self.device, non_blocking=True) for k, v in batch["text"].items()}
-            image_embeds = _embedding(self.image_features(pixel_values=pixel_values))
-            text_embeds = _embedding(self.model.get_text_features(**text))
-            cosine = torch.nn.functional.cosine_similarity(image_embeds.float(), text_embeds.float(), dim=-1)
-            scores[ok] = cosine.cpu().numpy()
+        if host is not None:
+            scores[ok] = host.numpy()
         return {"clip_score": scores, "clip_error": list(batch["errors"])}
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return self.finish(batch, self.launch(batch))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -589,13 +617,25 @@ def _scored_batches(view, batches, reasons, scorer, num_workers: int, prefetch_f
     iterator = iter(loader)
     try:
         pending = []
+        in_flight = None  # (batch, launched): queued on the device, scores not read yet
         for j, chunk in enumerate(iterator):
             pending.append(chunk)
             if j + 1 < len(chunks) and owner[j + 1] == owner[j]:
                 continue  # the batch's other chunks are still to come
             batch = _merge_chunks(pending, pad_token_id)
             pending = []
-            yield batch, scorer(batch)
+            # batch k+1 is queued before batch k's scores are read: the GPU goes on while they are written
+            try:
+                launched = (batch, scorer.launch(batch))
+            except BaseException:
+                if in_flight is not None:  # the batch before it is done: hand it over (cached), then fail
+                    yield in_flight[0], scorer.finish(*in_flight)
+                raise
+            if in_flight is not None:
+                yield in_flight[0], scorer.finish(*in_flight)
+            in_flight = launched
+        if in_flight is not None:
+            yield in_flight[0], scorer.finish(*in_flight)
     finally:
         del iterator  # stops the workers, also when the consumer raised
 
@@ -690,7 +730,8 @@ def score_pairs(
             about 2x faster (BENCHMARKS.md); the two differ by at most 2 of 255 in a pixel, so scores differ
             slightly (their caches are separate).
         max_text_length: token limit of captions (default: the text model's position limit, 77 for CLIP).
-        compile: `torch.compile` the image tower (a minute of compilation, faster afterwards on GPU).
+        compile: `torch.compile` the image tower (a minute of compilation, faster afterwards on GPU); short
+            batches are padded to `batch_size` so that it compiles once.
         progress: show a progress bar (on the main process).
         return_report: also return the `BadRowsReport`.
         **from_pretrained_kwargs: passed to every `from_pretrained` (`revision`, `local_files_only`, ...).
@@ -728,6 +769,7 @@ def score_pairs(
         jpeg_draft=jpeg_draft,
         max_text_length=max_text_length,
         compile=compile,
+        batch_size=batch_size,
     )
 
     view = _PairView(dataset, image_column, text_column, id_column, image_folder)
