@@ -259,10 +259,10 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         if os.getenv("TRANSFORMERS_DISABLE_TORCH_CHECK", "0") == "1":  # transformers' switch for sync-free checks
             return
         # per-row counts (and levels) to the host in one copy: fewer kernels than reducing them on the device
-        rows = [image_mask.sum(-1), align_mask.sum(-1)]
+        counts = torch.stack([image_mask, align_mask]).sum(-1)  # (2, batch)
         if alignment_levels is not None:
-            rows.append(alignment_levels.view(-1).to(rows[0].device, rows[0].dtype))
-        counts = torch.stack(rows).tolist()
+            counts = torch.cat([counts, alignment_levels.view(1, -1).to(counts.device, counts.dtype)])
+        counts = counts.tolist()
         image_tokens, align_tokens = counts[0], counts[1]
         if sum(image_tokens) != num_images * num_patches:
             raise ValueError(count_message.format(found=sum(image_tokens)))
@@ -333,7 +333,9 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
                 images_per_row.cumsum(0), torch.arange(num_images, device=images_per_row.device), right=True
             ).clamp(max=batch_size - 1)
             affinities = torch.bmm(image_features, text_mean[row_of_image].unsqueeze(-1)).squeeze(-1)  # (I, P)
-        image_weights = torch.softmax(gate(affinities.to(gate.fc1.weight.dtype)), dim=-1, dtype=torch.float32)
+        # in the gate's dtype, which is the table's (both kept in fp32, or both in the model's dtype), so the mix needs
+        # no cast: the softmax kernels accumulate in fp32 whatever the dtype
+        image_weights = torch.softmax(gate(affinities.to(gate.fc1.weight.dtype)), dim=-1)
         # Several images in one row: each image gets its own weights, the row's one <align> token uses their mean.
         if one_row:
             row_weights = image_weights if num_images == 1 else image_weights.mean(0, keepdim=True)
