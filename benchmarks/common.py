@@ -109,13 +109,21 @@ def time_call_both(fn: Callable[[], object], device: str) -> tuple[float, float 
 
 
 def compare(
-    fns: dict[str, Callable[[], object]], device: str, warmup: int = 1, repeats: int = 5
+    fns: dict[str, Callable[[], object]],
+    device: str,
+    warmup: int = 1,
+    repeats: int = 5,
+    same_before: bool = False,
 ) -> dict[str, dict]:
     """Times every callable of `fns`, interleaved (A B, B A, A B ...), after `warmup` calls of each.
 
     Returns `{name: {"median", "min", "times", "first", "cpu_median", "cpu_times"}}`; `first` is the time of the
     first warm-up call (compilation, cache allocation, cuBLAS heuristics ...), `cpu_*` the process CPU time (CPU
     runs only). Use `paired_ratio` for ratios between two of them.
+
+    `same_before`: every timed call follows a call of the same callable (an untimed one is made after a switch).
+    For compiled generation with CUDA graphs, where going from one model's graphs to the other's in one process
+    may cost work (CUDA-graph tree bookkeeping) that a process serving one model never does.
     """
     names = list(fns)
     first = {}
@@ -126,9 +134,13 @@ def compare(
                 first[name] = t
     times = {name: [] for name in names}
     cpu_times = {name: [] for name in names}
+    previous = names[-1] if warmup else None
     for r in range(repeats):
         order = names if r % 2 == 0 else names[::-1]
         for name in order:
+            if same_before and previous != name:
+                fns[name]()
+            previous = name
             t, c = time_call_both(fns[name], device)
             times[name].append(t)
             if c is not None:
