@@ -187,6 +187,12 @@ def test_scores_equal_independent_cosine(clip_tiny_dir, clip_tiny, clip_pairs, t
     np.testing.assert_allclose(scores_of(out_images), expected, rtol=0, atol=1e-5)
 
 
+def score_in_batches_of_8(dataset, clip_dir, tmp_path, **kwargs):
+    """score_pairs on the CPU in this process, batches of 8, a fresh cache."""
+    return score_pairs(dataset, clip_dir, batch_size=8, num_workers=0, cache_dir=tmp_path / "cache", device="cpu",
+                       progress=False, **kwargs)
+
+
 def test_compiled_tower_pads_short_batches_instead_of_recompiling(
     clip_tiny_dir, clip_tiny, clip_pairs, tmp_path, monkeypatch
 ):
@@ -199,16 +205,7 @@ def test_compiled_tower_pads_short_batches_instead_of_recompiling(
     monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
     torch._dynamo.reset()
     try:
-        out = score_pairs(
-            pair_dataset(folder, files, captions),
-            clip_tiny_dir,
-            batch_size=8,
-            num_workers=0,
-            cache_dir=tmp_path / "cache",
-            device="cpu",
-            compile=True,
-            progress=False,
-        )
+        out = score_in_batches_of_8(pair_dataset(folder, files, captions), clip_tiny_dir, tmp_path, compile=True)
     finally:
         torch._dynamo.reset()
     expected = reference_scores(clip_tiny, [folder / f for f in files], captions)
@@ -233,15 +230,7 @@ def test_next_batch_is_queued_before_the_scores_are_read(clip_tiny_dir, clip_pai
 
     monkeypatch.setattr(_ClipScorer, "launch", recording_launch)
     monkeypatch.setattr(_ClipScorer, "finish", recording_finish)
-    score_pairs(
-        pair_dataset(folder, files, captions),
-        clip_tiny_dir,
-        batch_size=8,
-        num_workers=0,
-        cache_dir=tmp_path / "cache",
-        device="cpu",
-        progress=False,
-    )
+    score_in_batches_of_8(pair_dataset(folder, files, captions), clip_tiny_dir, tmp_path)
     assert order == [
         ("launch", 0), ("launch", 8), ("finish", 0), ("launch", 16), ("finish", 8), ("finish", 16)
     ]
