@@ -11,6 +11,7 @@ Only `argparse` is imported at module level: torch, transformers and TRL are imp
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 from collections.abc import Sequence
@@ -32,6 +33,35 @@ class _HelpFormatter(argparse.HelpFormatter):
                 blocks.append(textwrap.fill(" ".join(block.split()), width, initial_indent=indent,
                                             subsequent_indent=indent))
         return "\n\n".join(blocks)
+
+
+def _parser(prog, description: str, epilog: str, add_arguments) -> argparse.ArgumentParser:
+    """A phase's stand-alone parser (`examples/*.py`)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog, formatter_class=_HelpFormatter)
+    return add_arguments(parser)
+
+
+def _main(parser: argparse.ArgumentParser, run, argv: Sequence[str] | None):
+    """Parses `argv` and runs the phase: its trainer, or usage + exit 2 for flags that cannot work."""
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except CommandError as error:
+        parser.error(str(error))
+
+
+def _add_subparser(subparsers, name: str, help: str, description: str, epilog: str, add_arguments, run):
+    """Registers `aligngpt <name>`, which runs the phase and exits with 0."""
+    parser = subparsers.add_parser(name, help=help, description=description, epilog=epilog,
+                                   formatter_class=_HelpFormatter)
+    add_arguments(parser)
+    parser.set_defaults(func=functools.partial(_run_command, run))
+    return parser
+
+
+def _run_command(run, args: argparse.Namespace) -> int:
+    run(args)
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------- phase 1
@@ -118,9 +148,7 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
 
 
 def pretrain_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=PRETRAIN_DESCRIPTION, epilog=PRETRAIN_EPILOG,
-                                     formatter_class=_HelpFormatter)
-    return add_pretrain_arguments(parser)
+    return _parser(prog, PRETRAIN_DESCRIPTION, PRETRAIN_EPILOG, add_pretrain_arguments)
 
 
 def _check_model_flags(args) -> None:
@@ -246,26 +274,13 @@ def run_pretrain(args: argparse.Namespace):
 
 def pretrain_main(argv: Sequence[str] | None = None, prog: str | None = None):
     """`examples/pretrain.py`: parses `argv`, runs phase 1 and returns the trainer (bad flags: usage + exit 2)."""
-    parser = pretrain_parser(prog)
-    args = parser.parse_args(argv)
-    try:
-        return run_pretrain(args)
-    except CommandError as error:
-        parser.error(str(error))
+    return _main(pretrain_parser(prog), run_pretrain, argv)
 
 
 def add_pretrain_subparser(subparsers) -> argparse.ArgumentParser:
     """Registers `aligngpt pretrain`."""
-    parser = subparsers.add_parser("pretrain", help=PRETRAIN_HELP, description=PRETRAIN_DESCRIPTION,
-                                   epilog=PRETRAIN_EPILOG, formatter_class=_HelpFormatter)
-    add_pretrain_arguments(parser)
-    parser.set_defaults(func=_pretrain_command)
-    return parser
-
-
-def _pretrain_command(args: argparse.Namespace) -> int:
-    run_pretrain(args)
-    return 0
+    return _add_subparser(subparsers, "pretrain", PRETRAIN_HELP, PRETRAIN_DESCRIPTION, PRETRAIN_EPILOG,
+                          add_pretrain_arguments, run_pretrain)
 
 
 # ---------------------------------------------------------------------------------------------- phase 2
@@ -333,9 +348,7 @@ def add_sft_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
 
 
 def sft_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=SFT_DESCRIPTION, epilog=SFT_EPILOG,
-                                     formatter_class=_HelpFormatter)
-    return add_sft_arguments(parser)
+    return _parser(prog, SFT_DESCRIPTION, SFT_EPILOG, add_sft_arguments)
 
 
 def check_sft_args(args: argparse.Namespace) -> None:
@@ -498,26 +511,12 @@ def run_sft(args: argparse.Namespace):
 
 def sft_main(argv: Sequence[str] | None = None, prog: str | None = None):
     """`examples/sft.py`: parses `argv`, runs phase 2 and returns the trainer (bad flags: usage + exit 2)."""
-    parser = sft_parser(prog)
-    args = parser.parse_args(argv)
-    try:
-        return run_sft(args)
-    except CommandError as error:
-        parser.error(str(error))
+    return _main(sft_parser(prog), run_sft, argv)
 
 
 def add_sft_subparser(subparsers) -> argparse.ArgumentParser:
     """Registers `aligngpt sft`."""
-    parser = subparsers.add_parser("sft", help=SFT_HELP, description=SFT_DESCRIPTION, epilog=SFT_EPILOG,
-                                   formatter_class=_HelpFormatter)
-    add_sft_arguments(parser)
-    parser.set_defaults(func=_sft_command)
-    return parser
-
-
-def _sft_command(args: argparse.Namespace) -> int:
-    run_sft(args)
-    return 0
+    return _add_subparser(subparsers, "sft", SFT_HELP, SFT_DESCRIPTION, SFT_EPILOG, add_sft_arguments, run_sft)
 
 
 __all__ = [

@@ -38,10 +38,6 @@ from .collators import (
     AlignGPTPretrainingCollator,
 )
 from .configuration_aligngpt import GATE_TEXT_SCOPES, AlignGPTConfig
-from .recipes import (  # `aligngpt pretrain` / `aligngpt sft`
-    add_pretrain_subparser,
-    add_sft_subparser,
-)
 
 logger = logging.getLogger(__name__)
 
@@ -796,8 +792,6 @@ __all__ = [
     "PRETRAINING_ARTIFACT_NAME",
     "AlignGPTPretrainer",
     "AlignGPTPretrainingArguments",
-    "add_pretrain_subparser",
-    "add_sft_subparser",
     "aligngpt_lora_config",
     "build_aligngpt_from_pretrained",
     "freeze_for_instruction_tuning",
