@@ -59,6 +59,14 @@ class AlignGPTCausalLMOutputWithPast(MultimodalCausalLMOutputWithPast):
     alignment_weights: torch.FloatTensor | None = None
 
 
+def _features_like(image_features, inputs_embeds: torch.Tensor) -> torch.Tensor:
+    """Projected image features, a tensor or a per-image list (`mm_encoder_outputs`), as one (num_images, P, hidden)
+    tensor on the embeddings' device and in their dtype."""
+    if isinstance(image_features, (list, tuple)):
+        image_features = torch.stack(list(image_features))
+    return image_features.to(inputs_embeds.device, inputs_embeds.dtype)
+
+
 class AlignGPTMultiModalProjector(nn.Module):
     """`mlp2x_gelu` (Linear, GELU, Linear) or `linear` (one Linear): vision width -> LM width."""
 
@@ -189,9 +197,7 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
             vision_feature_select_strategy=vision_feature_select_strategy,
             return_dict=True,
         ).pooler_output
-        if isinstance(features, (list, tuple)):
-            features = torch.stack(list(features))
-        features = features.to(inputs_embeds.device, inputs_embeds.dtype)  # (1, P, hidden)
+        features = _features_like(features, inputs_embeds)  # (1, P, hidden)
         # one row: <align>, the P image placeholders, one text token
         blank = features.new_zeros(1, 1, features.shape[-1])
         embeds = torch.cat([blank, features, blank], dim=1)
@@ -400,10 +406,7 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
                     vision_feature_select_strategy=vision_feature_select_strategy,
                     return_dict=True,
                 )
-            image_features = image_outputs.pooler_output
-            if isinstance(image_features, (list, tuple)):
-                image_features = torch.stack(list(image_features))
-            image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
+            image_features = _features_like(image_outputs.pooler_output, inputs_embeds)
             alignment_vectors, alignment_weights = self.compute_alignment_vectors(
                 image_features, inputs_embeds, image_mask, align_mask, attention_mask, alignment_levels,
                 gate_text_mask,
