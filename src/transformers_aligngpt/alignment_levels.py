@@ -314,8 +314,6 @@ def _load_image_processor(name, backend: str = "auto", **kwargs):
     """The checkpoint's image processor; `auto` is transformers' own choice (torchvision if installed, else PIL)."""
     from transformers import AutoImageProcessor
 
-    if backend not in IMAGE_BACKENDS:
-        raise ValueError(f"image_backend must be one of {IMAGE_BACKENDS}, got {backend!r}")
     if backend == "auto":
         import importlib.util
 
@@ -743,6 +741,8 @@ def score_pairs(
         raise ValueError(f"on_bad must be 'skip' or 'error', got {on_bad!r}")
     if batch_size < 1 or shard_size < 1:
         raise ValueError("batch_size and shard_size must be positive")
+    if image_backend not in IMAGE_BACKENDS:  # before the model is loaded (a download, at worst)
+        raise ValueError(f"image_backend must be one of {IMAGE_BACKENDS}, got {image_backend!r}")
     state = _partial_state(device)
     device = torch.device(device) if device is not None else state.device
     dtype = _resolve_dtype(dtype, device)
