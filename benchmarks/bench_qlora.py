@@ -34,6 +34,7 @@ import gc
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -317,8 +318,6 @@ def timed_tokens_per_s(timer: StepTimer, seq_len: int) -> float | None:
 
 def run(kind: str, recipe: str, args, device: torch.device) -> dict:
     trainer, timer, facts = build_trainer(kind, recipe, args, device)
-    build_s, weights_bytes, replaced, optim = (facts[k] for k in ("build_s", "weights_bytes", "replaced", "optim"))
-    trainable, trainable_bytes, fp32_frozen = (facts[k] for k in ("trainable", "trainable_bytes", "fp32_frozen"))
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     elapsed = (timer.end - timer.start) if timer.start is not None else float("nan")
@@ -330,18 +329,18 @@ def run(kind: str, recipe: str, args, device: torch.device) -> dict:
         "seq_len": args.seq_len,
         "batch_size": 1,
         "lora_r": args.lora_r,
-        "optim": optim,
+        "optim": facts["optim"],
         "measured_steps": timer.steps,
-        "tokens_per_s": round(args.seq_len * timer.steps / elapsed, 1) if timer.steps else None,
+        "tokens_per_s": round(timed_tokens_per_s(timer, args.seq_len), 1) if timer.steps else None,
         "s_per_step": round(elapsed / timer.steps, 4) if timer.steps else None,
         "peak_allocated_gib": gib(torch.cuda.max_memory_allocated()) if device.type == "cuda" else None,
         "peak_reserved_gib": gib(torch.cuda.max_memory_reserved()) if device.type == "cuda" else None,
-        "weights_allocated_gib": gib(weights_bytes) if weights_bytes is not None else None,
-        "trainable_params": trainable,
-        "trainable_gib": gib(trainable_bytes),
-        "frozen_fp32_params": fp32_frozen,
-        "linear4bit_layers": replaced,
-        "build_s": round(build_s, 1),
+        "weights_allocated_gib": gib(facts["weights_bytes"]) if facts["weights_bytes"] is not None else None,
+        "trainable_params": facts["trainable"],
+        "trainable_gib": gib(facts["trainable_bytes"]),
+        "frozen_fp32_params": facts["fp32_frozen"],
+        "linear4bit_layers": facts["replaced"],
+        "build_s": round(facts["build_s"], 1),
         "losses": [round(x, 4) for x in losses],
         "versions": versions(),
     }
@@ -365,7 +364,6 @@ def paired(args, device: torch.device, rounds: int) -> dict:
             trainer.train()  # weights and optimizer carry over between blocks; each block times its last `steps`
             rates[kind].append(timed_tokens_per_s(timer, args.seq_len))
     ratios = [a / b for a, b in zip(rates["aligngpt"], rates["llava"])]
-    ordered = sorted(ratios)
     return {
         "paired": True, "recipe": "lean", "rounds": rounds, "steps_per_block": args.steps, "warmup": args.warmup,
         "device": torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or "cpu",
@@ -373,8 +371,7 @@ def paired(args, device: torch.device, rounds: int) -> dict:
         "aligngpt_tokens_per_s": [round(x, 1) for x in rates["aligngpt"]],
         "llava_tokens_per_s": [round(x, 1) for x in rates["llava"]],
         "ratios": [round(x, 4) for x in ratios],
-        "ratio_median": round(ordered[len(ordered) // 2] if len(ordered) % 2 else
-                              (ordered[len(ordered) // 2 - 1] + ordered[len(ordered) // 2]) / 2, 4),
+        "ratio_median": round(statistics.median(ratios), 4),
         "ratio_of_means": round(sum(rates["aligngpt"]) / sum(rates["llava"]), 4),
         "versions": versions(),
     }
