@@ -202,12 +202,11 @@ def build_tokenizer(vocab_size):
 def build_image_processor(name, backend):
     """The CLIP image processor of `name` with transformers' PIL or torchvision backend (`auto`: torchvision if
     installed), as `score_pairs(image_backend=...)` would load it."""
-    import importlib.util
-
     import transformers
 
-    if backend == "auto":
-        backend = "torchvision" if importlib.util.find_spec("torchvision") is not None else "pil"
+    from transformers_aligngpt.alignment_levels import _resolve_image_backend
+
+    backend = _resolve_image_backend(backend)
     cls = transformers.CLIPImageProcessor if backend == "torchvision" else getattr(
         transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor  # (transformers without backends)
     )
@@ -355,6 +354,8 @@ def decode_only_result(args, dataset, model, image_processor, tokenizer, device,
 
 
 def main(argv=None):
+    from transformers_aligngpt.alignment_levels import IMAGE_BACKENDS
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--model-config", default="tiny", choices=sorted(MODEL_CONFIGS))
@@ -370,7 +371,7 @@ def main(argv=None):
     parser.add_argument("--jpeg-draft", action="store_true")
     parser.add_argument("--no-normalize-on-device", dest="normalize_on_device", action="store_false")
     parser.add_argument("--compile", action="store_true", help="torch.compile the image tower")
-    parser.add_argument("--image-backend", default="auto", choices=["auto", "pil", "torchvision"],
+    parser.add_argument("--image-backend", default="auto", choices=IMAGE_BACKENDS,
                         help="image processor backend (auto: torchvision if installed, else PIL)")
     parser.add_argument("--measure-decode", action="store_true", help="also time the decoding workers alone")
     parser.add_argument("--decode-backends", default=None,
@@ -421,11 +422,9 @@ def main(argv=None):
         if args.decode_only:  # the workers need the processor and tokenizer; a tiny model stands in for the scorer
             model, _, tokenizer = build_clip("tiny", device)
             image_processor = build_image_processor(args.model_config, args.image_backend)
-        else:
-            model, image_processor, tokenizer = build_clip(args.model_config, device, args.image_backend)
-        build_s = time.perf_counter() - t0
-        if args.decode_only:
             return decode_only_result(args, dataset, model, image_processor, tokenizer, device, dtype, mean_bytes)
+        model, image_processor, tokenizer = build_clip(args.model_config, device, args.image_backend)
+        build_s = time.perf_counter() - t0
         common = dict(
             model=model,
             image_processor=image_processor,

@@ -310,16 +310,21 @@ def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
 IMAGE_BACKENDS = ("auto", "torchvision", "pil")
 
 
+def _resolve_image_backend(backend: str) -> str:
+    """`auto` is transformers' own choice: torchvision if installed, else PIL."""
+    if backend != "auto":
+        return backend
+    import importlib.util
+
+    return "torchvision" if importlib.util.find_spec("torchvision") is not None else "pil"
+
+
 def _load_image_processor(name, backend: str = "auto", **kwargs):
-    """The checkpoint's image processor; `auto` is transformers' own choice (torchvision if installed, else PIL)."""
+    """The checkpoint's image processor with the given backend (`_resolve_image_backend`)."""
     from transformers import AutoImageProcessor
 
-    if backend == "auto":
-        import importlib.util
-
-        backend = "torchvision" if importlib.util.find_spec("torchvision") is not None else "pil"
     try:
-        return AutoImageProcessor.from_pretrained(name, backend=backend, **kwargs)
+        return AutoImageProcessor.from_pretrained(name, backend=_resolve_image_backend(backend), **kwargs)
     except TypeError:  # transformers without backends
         return AutoImageProcessor.from_pretrained(name, **kwargs)
 
