@@ -409,14 +409,20 @@ def greedy_agreement(tokens, ref_tokens, ref_gaps) -> dict:
     return result
 
 
+def generation_inputs(args, dtype, image_size, num_image_tokens, batch_size) -> tuple[dict, int]:
+    """({model: left-padded generation batch}, static cache length) for a batch size: the same cache length for both
+    models, a multiple of 64 (identical shapes, no recompilation between them)."""
+    rows = generation_rows(batch_size, num_image_tokens, seed=300 + batch_size, question_max=args.question_max)
+    batches = batch_for(args, rows, image_size, dtype, "left", False, 400 + batch_size, ["aligngpt", "llava"])
+    longest = max(b["input_ids"].shape[1] for b in batches.values())
+    return batches, -(-(longest + args.new_tokens) // 64) * 64
+
+
 def explain_decode(args, rec, llava, aligngpt, dtype, image_size, num_image_tokens, batch_size):
     """`torch._dynamo.explain` of one decoding step of each model, with the inputs `generate` gives it (static
     cache): graph count, graph breaks and their reasons. Runs before any compiled case (explain resets dynamo)."""
     models = {"aligngpt": aligngpt, "llava": llava}
-    rows = generation_rows(batch_size, num_image_tokens, seed=300 + batch_size, question_max=args.question_max)
-    batches = batch_for(args, rows, image_size, dtype, "left", False, 400 + batch_size, list(models))
-    longest = max(b["input_ids"].shape[1] for b in batches.values())
-    max_cache_len = -(-(longest + args.new_tokens) // 64) * 64
+    batches, max_cache_len = generation_inputs(args, dtype, image_size, num_image_tokens, batch_size)
     for name, model in models.items():
         captured = []
         hook = model.register_forward_pre_hook(
@@ -455,11 +461,7 @@ def graph_breaks() -> int:
 
 def case_generate(args, rec, llava, aligngpt, dtype, image_size, num_image_tokens, batch_size, path, references):
     models = {"aligngpt": aligngpt, "llava": llava}
-    rows = generation_rows(batch_size, num_image_tokens, seed=300 + batch_size, question_max=args.question_max)
-    batches = batch_for(args, rows, image_size, dtype, "left", False, 400 + batch_size, list(models))
-    longest = max(b["input_ids"].shape[1] for b in batches.values())
-    # the same static cache length for both models and every batch size: identical shapes, no recompilation
-    max_cache_len = -(-(longest + args.new_tokens) // 64) * 64
+    batches, max_cache_len = generation_inputs(args, dtype, image_size, num_image_tokens, batch_size)
     n = args.new_tokens
 
     def gen(name, tokens):
