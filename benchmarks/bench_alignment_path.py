@@ -48,9 +48,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    build_args = argparse.Namespace(shapes="tiny", layers=None, vision_layers=None, image_size=None, device="cpu",
-                                    attn="sdpa", question_max=29)
-    llava, aligngpt = bm.build_models(build_args, dtype)
+    build_args, llava, aligngpt = bm.build_tiny_cpu_models(dtype)
     num_image_tokens = 576
     for batch in [int(b) for b in args.batches.split(",")]:
         rows = (bm.generation_rows(1, num_image_tokens, seed=11, question_max=29) if batch == 1

@@ -52,9 +52,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3000)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    build_args = argparse.Namespace(shapes="tiny", layers=None, vision_layers=None, image_size=None, device="cpu",
-                                    attn="sdpa", question_max=29)
-    llava, aligngpt = bm.build_models(build_args, torch.float32)
+    build_args, llava, aligngpt = bm.build_tiny_cpu_models(torch.float32)
     rows = bm.generation_rows(1, 576, seed=11, question_max=29)
     batches = bm.batch_for(build_args, rows, 336, torch.float32, "left", False, 12, ["aligngpt", "llava"])
     steps = {name: capture_decode_step(model, batches[name])
