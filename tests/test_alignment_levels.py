@@ -253,6 +253,9 @@ def test_image_backend_choice_and_separate_caches(clip_tiny_dir, clip_pairs, tmp
     common = dict(batch_size=4, num_workers=0, cache_dir=tmp_path / "cache", device="cpu", progress=False)
     pil = scores_of(score_pairs(ds, clip_tiny_dir, image_backend="pil", **common))
     if not has_torchvision:
+        # asked for explicitly, a missing torchvision is an error (transformers would only warn and use PIL)
+        with pytest.raises(ValueError, match="needs torchvision"):
+            score_pairs(ds, clip_tiny_dir, image_backend="torchvision", **common)
         return
     # the torchvision backend resizes slightly differently: its own cache entry, scores close to PIL's
     fast = scores_of(score_pairs(ds, clip_tiny_dir, image_backend="torchvision", **common))
@@ -488,7 +491,8 @@ def test_siglip_checkpoint(tmp_path, clip_pairs, clip_tokenizer):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def write_llava_file(path, files, captions, extra=()):
+def write_llava_file(path, files, captions, extra=(), changes=()):
+    """A LLaVA pre-training file for the pairs (plus `extra` records); `changes[i]` updates record i."""
     records = [
         {
             "id": f"{i:06d}",
@@ -500,6 +504,8 @@ def write_llava_file(path, files, captions, extra=()):
         }
         for i, (f, c) in enumerate(zip(files, captions))
     ]
+    for record, change in zip(records, changes):
+        record.update(change)
     records.extend(extra)
     Path(path).write_text(json.dumps(records))
     return records
@@ -512,7 +518,15 @@ def test_cli_levels_end_to_end(clip_tiny_dir, clip_tiny, clip_pairs, tmp_path, c
         "image": "imgs/nope.jpg",
         "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "x"}],
     }
-    records = write_llava_file(tmp_path / "pretrain.json", files, captions, extra=[missing])
+    # what LLaVA-layout files in the wild hold, which the output must keep as it is: a numeric id, an extra field,
+    # a one-element image list, a placeholder without its newline
+    unusual = [
+        {"id": 424242},
+        {"source": "laion", "extra": {"nested": [1, 2]}},
+        {"image": [files[2]]},
+        {"conversations": [{"from": "human", "value": "<image>Describe."}, {"from": "gpt", "value": captions[3]}]},
+    ]
+    records = write_llava_file(tmp_path / "pretrain.json", files, captions, extra=[missing], changes=unusual)
     out_file = tmp_path / "levels.json"
     status = main(
         [
@@ -549,7 +563,8 @@ def test_cli_levels_end_to_end(clip_tiny_dir, clip_tiny, clip_pairs, tmp_path, c
     expected_scores = reference_scores(clip_tiny, [folder / f for f in files], captions)
     expected_levels = brute_force_levels(expected_scores, 4)
     assert [r["similarity"] for r in written] == expected_levels.tolist()
-    # the original's records come back unchanged apart from the new fields
+    # the original's records come back unchanged apart from the new fields (the skipped one left out)
+    assert len(written) == 24
     for original, new in zip(records, written):
         assert {k: v for k, v in new.items() if k not in ("similarity", "clip_score")} == original
     np.testing.assert_allclose([r["clip_score"] for r in written], expected_scores, atol=1e-5)
@@ -580,7 +595,32 @@ def test_cli_levels_end_to_end(clip_tiny_dir, clip_tiny, clip_pairs, tmp_path, c
         ]
     )
     assert status == 1 and not (tmp_path / "never.json").exists()
-    assert "gone" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "gone" in err and "--on-bad skip" in err
+
+
+def test_cli_levels_too_few_rows_stop_with_the_report(clip_tiny_dir, clip_pairs, tmp_path, capsys, count_image_calls):
+    calls, _ = count_image_calls
+    folder, files, captions = clip_pairs(6)
+    write_llava_file(tmp_path / "small.json", files, captions)
+    common = ["--data", str(tmp_path / "small.json"), "--image-folder", str(folder), "--clip", str(clip_tiny_dir),
+              "--output", str(tmp_path / "out.json"), "--device", "cpu", "--num-workers", "0",
+              "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+    # impossible level counts stop before anything is scored
+    assert main(common + ["--num-levels", "0"]) == 1
+    assert "--num-levels must be at least 1" in capsys.readouterr().err
+    assert main(common + ["--num-levels", "7"]) == 1
+    assert "holds 6 records, fewer than --num-levels 7" in capsys.readouterr().err
+    assert calls == []
+    # enough records, but too few left once the bad ones are skipped: a clear error, and the bad rows are saved
+    (folder / files[0]).unlink()
+    (folder / files[1]).write_bytes(b"not an image")
+    report = tmp_path / "bad.json"
+    assert main(common + ["--num-levels", "5", "--bad-rows-report", str(report)]) == 1
+    err = capsys.readouterr().err
+    assert "4 pairs are left after skipping 2 bad rows, fewer than --num-levels 5" in err
+    assert sorted(r["id"] for r in json.loads(report.read_text())["rows"]) == ["000000", "000001"]
+    assert not (tmp_path / "out.json").exists()
 
 
 def test_levels_subparser_registers_on_a_cli():

@@ -193,3 +193,49 @@ def test_caption_only_dataset_is_written_as_pretraining_records(tmp_path):
         "similarity": 1,
     }
     assert load_llava_json(tmp_path / "out.json")["caption"] == ["a cat", "a dog"]
+
+
+def test_source_writes_the_files_own_records(tmp_path):
+    """Given the file the dataset came from, the writer keeps every record as it is (extra fields, numeric ids,
+    image lists, the turn texts' exact whitespace), sets the level, and leaves out rows that were filtered away."""
+    odd = [
+        dict(PRETRAIN[0], id=12345, source="laion", extra={"nested": [1, 2]}),
+        dict(PRETRAIN[1], image=["GCC_train_002582585.jpg"]),
+        {"id": "t", "image": "t.jpg", "conversations": [
+            {"from": "human", "value": "\n<image>Describe <image> this.\n"}, {"from": "gpt", "value": "<image> in it"}]},
+        dict(INSTRUCT[0], image=["a.jpg", "b.jpg"]),  # a record that lists two images
+        INSTRUCT[1],
+    ]
+    source = write(tmp_path / "odd.json", odd)
+    ds = load_llava_json(source, tmp_path)
+    assert ds["record_index"] == [0, 1, 2, 3, 4]
+    assert ds["images"][3] == [str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg")] and ds["image_file"][3] is None
+    kept = ds.select([0, 1, 2, 3]).remove_columns("alignment_level").add_column("alignment_level", [3, 1, 0, 2])
+    assert write_llava_json(kept, tmp_path / "out.json", source=source) == 4
+    written = json.loads((tmp_path / "out.json").read_text())
+    assert written == [dict(odd[i], similarity=level) for i, level in zip(range(4), [3, 1, 0, 2])]
+    # rebuilt without the source, a record with two images cannot be written in the one-image layout: it says so
+    with pytest.raises(ValueError, match="source="):
+        write_llava_json(kept, tmp_path / "rebuilt.json")
+    # a source that is not the dataset's file is refused, not silently mismatched
+    other = write(tmp_path / "other.json", list(reversed(odd)))
+    with pytest.raises(ValueError, match="must be the file the dataset was read from"):
+        write_llava_json(kept, tmp_path / "wrong.json", source=other)
+    with pytest.raises(ValueError, match="record_index"):
+        write_llava_json(kept.remove_columns("record_index"), tmp_path / "x.json", source=source)
+
+
+def test_reader_accepts_bom_and_json_lines_and_explains_a_wrapped_list(tmp_path):
+    bom = tmp_path / "bom.json"
+    bom.write_text(json.dumps(PRETRAIN), encoding="utf-8-sig")
+    assert load_llava_json(bom)["id"] == [r["id"] for r in PRETRAIN]
+    lines = tmp_path / "lines.jsonl"
+    lines.write_text("\n".join(json.dumps(r) for r in PRETRAIN) + "\n\n")
+    assert load_llava_json(lines)["id"] == [r["id"] for r in PRETRAIN]
+    wrapped = tmp_path / "wrapped.json"
+    wrapped.write_text(json.dumps({"data": PRETRAIN}, indent=2))
+    with pytest.raises(ValueError, match=r"line 1 is not a JSON record.*write the list itself"):
+        load_llava_json(wrapped)
+    wrapped.write_text(json.dumps({"data": PRETRAIN}))  # on one line it reads as one JSON-lines record
+    with pytest.raises(ValueError, match=r"wrapped in an object, under 'data'"):
+        load_llava_json(wrapped)

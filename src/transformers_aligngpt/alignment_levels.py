@@ -19,7 +19,7 @@ file) without the code that made them; this module computes them for any data:
 - `aligngpt levels` / `python -m transformers_aligngpt.alignment_levels`: LLaVA-layout JSON in, AlignGPT-layout
   JSON out (`similarity` = level).
 
-Bad input (no image, a missing or undecodable image file, an empty caption, a duplicate id) never stops a run
+Bad input (no image, a missing or undecodable image file, an empty or absent caption, a duplicate id) never stops a run
 half-way: such rows are collected in a `BadRowsReport` (count, ids, reasons) and either skipped
 (`on_bad="skip"`) or reported with a `BadRowsError` (`on_bad="error"`). With `"error"`, what can be checked before
 scoring (empty captions, duplicate ids, absent images and files) is checked first, before any work; images that
@@ -70,6 +70,7 @@ _SCORE_FEATURES = Features({"clip_score": Value("float32"), "clip_error": Value(
 _NO_IMAGE = "no image"
 _MANY_IMAGES = "more than one image"
 _EMPTY_CAPTION = "empty caption"
+_NO_CAPTION = "no caption"  # a null text, e.g. load_llava_json's `caption` of a multi-turn record
 _DUPLICATE_ID = "duplicate id"
 _FILE_NOT_FOUND = "image file not found"
 _UNDECODABLE = "undecodable image"
@@ -265,7 +266,8 @@ def _prescan(view: _PairView, table: pa.Table, ids: np.ndarray, check_files: boo
         missing |= np.asarray(pc.fill_null(pc.equal(first, ""), True).to_numpy(zero_copy_only=False), dtype=bool)
 
     text = table.column(view.text_column).combine_chunks()
-    empty = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(text), ""), True)
+    no_text = ~np.asarray(pc.is_valid(text).to_numpy(zero_copy_only=False), dtype=bool)
+    empty = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(text), ""), False)
     empty = np.asarray(empty.to_numpy(zero_copy_only=False), dtype=bool)
 
     duplicate = np.zeros(n, dtype=bool)
@@ -277,6 +279,7 @@ def _prescan(view: _PairView, table: pa.Table, ids: np.ndarray, check_files: boo
 
     reasons[duplicate] = _DUPLICATE_ID
     reasons[empty] = _EMPTY_CAPTION
+    reasons[no_text] = _NO_CAPTION
     reasons[many] = _MANY_IMAGES
     reasons[missing] = _NO_IMAGE
 
@@ -311,12 +314,21 @@ IMAGE_BACKENDS = ("auto", "torchvision", "pil")
 
 
 def _resolve_image_backend(backend: str) -> str:
-    """`auto` is transformers' own choice: torchvision if installed, else PIL."""
-    if backend != "auto":
-        return backend
+    """`auto` is transformers' own choice: torchvision if installed, else PIL. Asking for torchvision where it is
+    not installed is an error (transformers would fall back to PIL with a warning only)."""
     import importlib.util
 
-    return "torchvision" if importlib.util.find_spec("torchvision") is not None else "pil"
+    if backend not in IMAGE_BACKENDS:
+        raise ValueError(f"image_backend must be one of {IMAGE_BACKENDS}, got {backend!r}")
+    has_torchvision = importlib.util.find_spec("torchvision") is not None
+    if backend == "torchvision" and not has_torchvision:
+        raise ValueError(
+            "image_backend='torchvision' needs torchvision: `pip install torchvision` (the build matching your "
+            "torch), or use image_backend='pil'"
+        )
+    if backend != "auto":
+        return backend
+    return "torchvision" if has_torchvision else "pil"
 
 
 def _load_image_processor(name, backend: str = "auto", **kwargs):
@@ -746,8 +758,7 @@ def score_pairs(
         raise ValueError(f"on_bad must be 'skip' or 'error', got {on_bad!r}")
     if batch_size < 1 or shard_size < 1:
         raise ValueError("batch_size and shard_size must be positive")
-    if image_backend not in IMAGE_BACKENDS:  # before the model is loaded (a download, at worst)
-        raise ValueError(f"image_backend must be one of {IMAGE_BACKENDS}, got {image_backend!r}")
+    image_backend = _resolve_image_backend(image_backend)  # checked before the model is loaded (a download)
     state = _partial_state(device)
     device = torch.device(device) if device is not None else state.device
     dtype = _resolve_dtype(dtype, device)
@@ -922,7 +933,9 @@ def score_pairs(
 def _add_levels_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--data", required=True, help="LLaVA-layout JSON (e.g. blip_laion_cc_sbu_558k.json)")
     parser.add_argument("--image-folder", default=None, help="folder the `image` fields are relative to")
-    parser.add_argument("--output", required=True, help="where to write the JSON with levels in `similarity`")
+    parser.add_argument(
+        "--output", required=True, help="where to write the input records with their level added in `similarity`"
+    )
     parser.add_argument("--clip", default=DEFAULT_CLIP_MODEL, help="CLIP / SigLIP checkpoint: Hub id or folder")
     parser.add_argument("--num-levels", type=int, default=8, help="number of alignment levels (default 8)")
     parser.add_argument("--batch-size", type=int, default=128)
@@ -936,7 +949,7 @@ def _add_levels_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
         "--on-bad",
         default="skip",
         choices=["skip", "error"],
-        help="rows with a missing/undecodable image, an empty caption or a duplicate id: drop them from the output "
+        help="rows with a missing/undecodable image, an empty or absent caption or a duplicate id: drop them from the output "
         "(skip) or stop with a report before writing (error)",
     )
     parser.add_argument("--bad-rows-report", default=None, help="write the bad rows (row, id, reason) as JSON here")
@@ -966,13 +979,28 @@ def add_levels_subparser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_levels(args: argparse.Namespace) -> int:
-    """Score, bucket and write; returns the exit status (0, or 1 when `--on-bad error` found bad rows)."""
+    """Score, bucket and write; returns the exit status (0, or 1 when bad rows or too few rows stop the run).
+
+    The output holds the input file's own records, unchanged but for the level in `similarity` (and `clip_score`
+    with `--include-clip-score`), skipped rows left out."""
     from .data import load_llava_json, write_llava_json
 
     state = _partial_state(args.device)
     if state.is_main_process and not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    def fail(message: str, report: BadRowsReport | None = None) -> int:
+        if state.is_main_process:
+            if args.bad_rows_report and report is not None:
+                report.save(args.bad_rows_report)
+            print(f"error: {message}", file=sys.stderr)
+        return 1
+
+    if args.num_levels < 1:  # before the model is loaded and anything is scored
+        return fail(f"--num-levels must be at least 1, got {args.num_levels}")
     dataset = load_llava_json(args.data, args.image_folder)
+    if len(dataset) < args.num_levels:
+        return fail(f"{args.data} holds {len(dataset)} records, fewer than --num-levels {args.num_levels}")
     try:
         scored, report = score_pairs(
             dataset,
@@ -994,16 +1022,22 @@ def run_levels(args: argparse.Namespace) -> int:
             return_report=True,
         )
     except BadRowsError as error:
-        if state.is_main_process:
-            if args.bad_rows_report:
-                error.report.save(args.bad_rows_report)
-            print(f"error: {error}", file=sys.stderr)
-        return 1
+        hint = (
+            "; `--on-bad skip` reruns from the cache and leaves them out (removing rows from the file moves the "
+            "shards after them, which are then scored again)"
+        )
+        return fail(f"{error}{hint}", error.report)
+    if len(scored) < args.num_levels:
+        return fail(
+            f"{len(scored)} pairs are left after skipping {len(report)} bad rows, fewer than --num-levels "
+            f"{args.num_levels}: {report.summary()}",
+            report,
+        )
     leveled = add_alignment_levels(scored, args.num_levels)
     if state.is_main_process:
         if args.bad_rows_report:
             report.save(args.bad_rows_report)
-        written = write_llava_json(leveled, args.output, include_clip_score=args.include_clip_score)
+        written = write_llava_json(leveled, args.output, include_clip_score=args.include_clip_score, source=args.data)
         sizes = np.bincount(leveled.with_format("arrow")["alignment_level"].to_numpy(), minlength=args.num_levels)
         print(
             json.dumps(

@@ -16,7 +16,9 @@ pre-training file `blip_laion_cc_sbu_558k.json` has one human/gpt turn per recor
 AlignGPT's pre-training file adds `similarity`: the record's alignment level (an integer, `N-1` = best aligned).
 
 `load_llava_json` turns such a file into a `datasets.Dataset` in the transformers / TRL chat format and
-`write_llava_json` writes one back in the original format (the alignment level in `similarity`).
+`write_llava_json` writes one back in the original format (the alignment level in `similarity`). Given the file the
+dataset was read from (`source=`), it writes those records themselves, untouched but for `similarity` (and
+`clip_score`): extra fields, numeric ids and the exact turn texts are kept.
 """
 
 from __future__ import annotations
@@ -46,16 +48,21 @@ _LLAVA_FROM_ROLE = {role: speaker for speaker, role in _ROLE_FROM_LLAVA.items()}
 
 #: Columns of the dataset `load_llava_json` returns.
 #: - `id`: the record's id (always a string; LLaVA's files mix strings and numbers);
-#: - `image_file`: the `image` field as written in the file (relative to the image folder), None for text-only;
-#: - `images`: the image path(s) resolved against the image folder: `[path]`, or `[]` for text-only records (the
-#:   column TRL's `SFTTrainer` reads; cast it with `datasets.List(datasets.Image())` to decode);
+#: - `record_index`: the record's position in the file (it survives filtering: `write_llava_json(source=...)`);
+#: - `image_file`: the `image` field as written in the file (relative to the image folder), None for text-only
+#:   records and for records that list several images;
+#: - `images`: the image path(s) resolved against the image folder: `[path]` (several for a record whose `image` is
+#:   a list), or `[]` for text-only records (the column TRL's `SFTTrainer` reads; cast it with
+#:   `datasets.List(datasets.Image())` to decode);
 #: - `messages`: the conversation in the transformers chat format;
-#: - `caption`: the gpt answer for single-turn records (the pre-training captions), else None;
+#: - `caption`: the gpt answer for single-turn records (the pre-training captions), else None (multi-turn records
+#:   have no caption: CLIP scoring reports them as "no caption");
 #: - `alignment_level`: the `similarity` field (None when absent); `clip_score`: a score written by
 #:   `write_llava_json(include_clip_score=True)` (None when absent).
 LLAVA_FEATURES = Features(
     {
         "id": Value("string"),
+        "record_index": Value("int64"),
         "image_file": Value("string"),
         "images": List(Value("string")),
         "messages": List(
@@ -138,14 +145,30 @@ def messages_to_llava_conversations(messages: list[dict[str, Any]]) -> list[dict
 
 
 def _read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """A JSON list of records, or JSON lines."""
-    with open(path, encoding="utf-8") as f:
+    """A JSON list of records, or JSON lines (a UTF-8 byte-order mark is allowed)."""
+    with open(path, encoding="utf-8-sig") as f:
         head = f.read(4096).lstrip()
         f.seek(0)
         if head.startswith("["):
             records = json.load(f)
         else:
-            records = [json.loads(line) for line in f if line.strip()]
+            records = []
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    hint = ""
+                    if number == 1 and head.startswith("{"):
+                        hint = (
+                            " The file does not start with '[': if it is one JSON object wrapping the list (e.g. "
+                            '{"data": [...]}), write the list itself.'
+                        )
+                    raise ValueError(
+                        f"{path}: line {number} is not a JSON record ({error.msg}). Expected a JSON list of "
+                        f"records (LLaVA layout) or one record per line.{hint}"
+                    ) from None
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
         raise ValueError(f"{path}: expected a JSON list of objects (LLaVA layout)")
     return records
@@ -186,13 +209,17 @@ def load_llava_json(
     for i, record in enumerate(records):
         record_id = record.get("id")
         image_file = record.get("image")
+        image_files = [image_file] if image_file is not None else []
         if isinstance(image_file, list):  # some LLaVA derivatives store a list; the original holds one image
-            if len(image_file) > 1:
-                raise ValueError(f"record {record_id!r}: {len(image_file)} images; the LLaVA layout holds one")
-            image_file = image_file[0] if image_file else None
+            image_files = image_file
+            image_file = image_file[0] if len(image_file) == 1 else None
         conversations = record.get("conversations")
         if not isinstance(conversations, list):
-            raise ValueError(f"record {i} ({record_id!r}) has no `conversations` list")
+            wrapped = [k for k, v in record.items() if isinstance(v, list) and v and isinstance(v[0], dict)]
+            hint = f" (is the list of records wrapped in an object, under {wrapped[0]!r}? write the list itself)"
+            raise ValueError(
+                f"record {i} ({record_id!r}) has no `conversations` list{hint if wrapped and len(records) == 1 else ''}"
+            )
         messages = llava_conversations_to_messages(conversations)
         caption = None
         if [m["role"] for m in messages] == ["user", "assistant"]:
@@ -200,11 +227,9 @@ def load_llava_json(
         clip_score = record.get("clip_score")
 
         columns["id"].append(None if record_id is None else str(record_id))
+        columns["record_index"].append(i)
         columns["image_file"].append(image_file)
-        if image_file is None:
-            columns["images"].append([])
-        else:
-            columns["images"].append([os.path.join(folder, image_file) if folder is not None else image_file])
+        columns["images"].append([os.path.join(folder, f) if folder is not None else f for f in image_files])
         columns["messages"].append(messages)
         columns["caption"].append(caption)
         columns["alignment_level"].append(_level_from_similarity(record.get("similarity"), record_id))
@@ -267,13 +292,16 @@ def _iter_llava_records(
 
 
 def _image_file_of(batch: dict[str, list], j: int, image_folder: str | None) -> str | None:
-    if "image_file" in batch:
+    if "image_file" in batch and (batch["image_file"][j] is not None or "images" not in batch):
         return batch["image_file"][j]
     images = batch.get("images")
     if not images or not images[j]:
         return None
     if len(images[j]) > 1:
-        raise ValueError(f"row {j}: {len(images[j])} images; the LLaVA layout holds one per record")
+        raise ValueError(
+            f"row {j}: {len(images[j])} images; the LLaVA layout holds one per record (to write records that list "
+            "several images, pass the file they were read from: write_llava_json(..., source=FILE))"
+        )
     image = images[j][0]
     path = image.get("path") if isinstance(image, dict) else image
     if path is None:
@@ -281,6 +309,43 @@ def _image_file_of(batch: dict[str, list], j: int, image_folder: str | None) -> 
     if image_folder is not None:
         path = os.path.relpath(os.path.abspath(path), os.path.abspath(image_folder))
     return path
+
+
+def _source_records(
+    dataset: Dataset,
+    source: str | os.PathLike,
+    *,
+    level_column: str | None,
+    score_column: str | None,
+    batch_size: int = 10_000,
+) -> Iterator[dict[str, Any]]:
+    """The records of `source` behind the dataset's rows (`record_index`), each with the row's level in `similarity`
+    (and its score in `clip_score`); every other field as in the file."""
+    names = set(dataset.column_names)
+    if "record_index" not in names:
+        raise ValueError(
+            "write_llava_json(source=...) needs the `record_index` column that load_llava_json adds (it maps each "
+            "row to its record in the file); keep it, or write without `source` to rebuild the records"
+        )
+    records = _read_records(source)
+    wanted = ["record_index"] + [c for c in ("id", level_column, score_column) if c is not None and c in names]
+    for batch in dataset.select_columns(wanted).with_format(None).iter(batch_size=batch_size):
+        for j, index in enumerate(batch["record_index"]):
+            if index is None or not 0 <= index < len(records):
+                raise ValueError(f"record_index {index} is not a record of {source} ({len(records)} records)")
+            record = dict(records[index])
+            if "id" in batch and batch["id"][j] != (None if record.get("id") is None else str(record.get("id"))):
+                raise ValueError(
+                    f"row with id {batch['id'][j]!r} maps to record {index} of {source}, whose id is "
+                    f"{record.get('id')!r}: `source` must be the file the dataset was read from"
+                )
+            if level_column in batch and batch[level_column][j] is not None:
+                record["similarity"] = int(batch[level_column][j])
+            if score_column in batch:
+                score = batch[score_column][j]
+                if score is not None and not math.isnan(score):
+                    record["clip_score"] = float(score)
+            yield record
 
 
 def write_llava_json(
@@ -292,22 +357,33 @@ def write_llava_json(
     score_column: str = "clip_score",
     image_folder: str | os.PathLike | None = None,
     indent: int | None = None,
+    source: str | os.PathLike | None = None,
 ) -> int:
     """Write a dataset back in the LLaVA / AlignGPT layout; returns the number of records written.
 
-    Each row becomes `{"id", "image", "conversations", "similarity"}`: `image` from `image_file` (or from `images`,
-    made relative to `image_folder` when given), omitted for text-only rows; `conversations` from `messages` (or,
-    without `messages`, a pre-training turn `<image>` -> caption); `similarity` from `level_column`, omitted where
-    the level is None. `include_clip_score=True` also writes `clip_score`, which `load_llava_json` reads back.
-    The file is written to a temporary name and renamed, so an interrupted write never leaves a truncated file.
+    With `source`, the LLaVA file the dataset was read with `load_llava_json`: each row's own record of that file
+    (found by `record_index`, checked by `id`), unchanged but for `similarity` (and `clip_score`), in the dataset's
+    row order: rows filtered out (e.g. skipped by `score_pairs`) are left out.
+
+    Without it, each row is rebuilt as `{"id", "image", "conversations", "similarity"}`: `image` from `image_file`
+    (or from `images`, made relative to `image_folder` when given), omitted for text-only rows; `conversations` from
+    `messages` (or, without `messages`, a pre-training turn `<image>` -> caption), where the turn texts come back
+    in LLaVA's usual shape (`"<image>\\nQ"`); `similarity` from `level_column`, omitted where the level is None.
+
+    `include_clip_score=True` also writes `clip_score`, which `load_llava_json` reads back. The file is written to
+    a temporary name and renamed, so an interrupted write never leaves a truncated file.
     """
     path = os.fspath(path)
-    records = _iter_llava_records(
-        dataset,
-        level_column=level_column,
-        score_column=score_column if include_clip_score else None,
-        image_folder=os.fspath(image_folder) if image_folder is not None else None,
-    )
+    score_column = score_column if include_clip_score else None
+    if source is not None:
+        records = _source_records(dataset, source, level_column=level_column, score_column=score_column)
+    else:
+        records = _iter_llava_records(
+            dataset,
+            level_column=level_column,
+            score_column=score_column,
+            image_folder=os.fspath(image_folder) if image_folder is not None else None,
+        )
     tmp = f"{path}.tmp-{os.getpid()}"
     count = 0
     try:
