@@ -949,8 +949,8 @@ def _add_levels_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
         "--on-bad",
         default="skip",
         choices=["skip", "error"],
-        help="rows with a missing/undecodable image, an empty or absent caption or a duplicate id: drop them from the output "
-        "(skip) or stop with a report before writing (error)",
+        help="rows with a missing/undecodable image, an empty or absent caption or a duplicate id: drop them from "
+        "the output (skip) or stop with a report before writing (error)",
     )
     parser.add_argument("--bad-rows-report", default=None, help="write the bad rows (row, id, reason) as JSON here")
     parser.add_argument("--include-clip-score", action="store_true", help="also write `clip_score` per record")
