@@ -195,10 +195,12 @@ def test_converted_folder(converted_original_dir, converted):
     assert processor.image_processor.do_pad
     generation = model.generation_config
     assert (generation.bos_token_id, generation.eos_token_id, generation.pad_token_id) == (1, 2, 0)
-    # new rows: the mean of the original ones
-    embed = model.get_input_embeddings().weight
-    torch.testing.assert_close(embed[400], embed[:400].mean(0))
-    torch.testing.assert_close(model.lm_head.weight[401], model.lm_head.weight[:400].mean(0))
+    # new rows: the mean of the original ones, the second moved by a tenth of their spread, so that <image> and
+    # <align> differ (inputs_embeds are searched for their rows)
+    for weight in (model.get_input_embeddings().weight, model.lm_head.weight):
+        torch.testing.assert_close(weight[400], weight[:400].mean(0))
+        torch.testing.assert_close(weight[401], weight[:400].mean(0) + weight[:400].std(0) / 10)
+        assert not torch.equal(weight[400], weight[401])
 
 
 def test_weights_are_the_original_ones(original_fixture_dir, converted):

@@ -317,12 +317,23 @@ def test_misplaced_align_tokens_and_level_count_are_rejected(model, processor, i
                        padding=True)
     ids = inputs["input_ids"].clone()
     ids[1, -1] = align  # a text-only row with an <align> token
-    with pytest.raises(ValueError, match=r"only rows with an image may hold one \(rows \[1\] break this\)"):
+    with pytest.raises(ValueError, match=r"rows without an image none \(rows \[1\] break this\)"):
         model(**{**inputs, "input_ids": ids})
     ids = inputs["input_ids"].clone()
     ids[0, -1] = align  # a second <align> in the image row
-    with pytest.raises(ValueError, match=r"at most one <align> token.*rows \[0\]"):
+    with pytest.raises(ValueError, match=r"exactly one <align> token.*rows \[0\]"):
         model(**{**inputs, "input_ids": ids})
+    # an image row that lost its <align> (truncated from the left, bos and <align> cut) is refused as well
+    side, processor.tokenizer.truncation_side = processor.tokenizer.truncation_side, "left"
+    try:
+        full = processor(images=images[:1], text=["<image>a box\n"], return_tensors="pt")["input_ids"].shape[1]
+        cut = processor(images=images[:1], text=["<image>a box\n"], return_tensors="pt", truncation=True,
+                        max_length=full - 2)
+    finally:
+        processor.tokenizer.truncation_side = side
+    assert (cut["input_ids"] == model.config.image_token_id).sum() == model.config.num_image_tokens
+    with pytest.raises(ValueError, match=r"exactly one <align> token.*rows \[0\].*truncated from the left"):
+        model(**cut)
     with pytest.raises(ValueError, match=r"alignment_levels needs one level per row \(2\), got 1"):
         model(**inputs, alignment_levels=torch.tensor([3]))
 
@@ -336,6 +347,44 @@ def test_placeholder_feature_mismatch_is_rejected(model, processor, images):
         model(**cut)
     with pytest.raises(ValueError, match="no pixel_values"):
         model(input_ids=inputs["input_ids"])
+
+
+def test_config_edited_after_loading_is_checked_again(model, processor, images):
+    inputs = processor(images=images[:1], text=["<image>a box\n"], return_tensors="pt")
+    mode, level = model.config.alignment_mode, model.config.fixed_alignment_level
+    model.config.alignment_mode, model.config.fixed_alignment_level = "fixed", 99
+    try:
+        with pytest.raises(ValueError, match=r"fixed_alignment_level in 0..7, got 99"):
+            model(**inputs)
+    finally:
+        model.config.alignment_mode, model.config.fixed_alignment_level = mode, level
+
+
+def test_pixel_values_with_the_wrong_channel_count_are_rejected(model, processor, images):
+    inputs = processor(images=images[:1], text=["<image>a box\n"], return_tensors="pt")
+    with pytest.raises(ValueError, match=r"pixel_values must have shape \(num_images, 3, 16, 16\).*got \(1, 1, 16, 16\)"):
+        model(**{**inputs, "pixel_values": inputs["pixel_values"][:, :1]})
+
+
+def test_inputs_embeds_find_the_placeholders_unless_their_rows_are_identical(model, processor, images):
+    inputs = processor(images=images[:2], text=["<image>a box\n", "two <image> cats\n"], return_tensors="pt",
+                       padding=True)
+    expected = model(**inputs).logits
+    embeds = model.get_input_embeddings()(inputs["input_ids"])
+    rest = {k: v for k, v in inputs.items() if k != "input_ids"}
+    torch.testing.assert_close(model(inputs_embeds=embeds, **rest).logits, expected)
+    weight = model.get_input_embeddings().weight
+    image_id, align_id = model.config.image_token_id, model.config.alignment_token_id
+    saved = weight[align_id].detach().clone()
+    with torch.no_grad():
+        weight[align_id] = weight[image_id]
+    try:
+        embeds = model.get_input_embeddings()(inputs["input_ids"])
+        with pytest.raises(ValueError, match="<image> and <align> rows of the input embeddings are identical"):
+            model(inputs_embeds=embeds, **rest)
+    finally:
+        with torch.no_grad():
+            weight[align_id] = saved
 
 
 def test_unknown_alignment_mode_and_bad_fixed_level(config):

@@ -109,7 +109,8 @@ class AlignGPTConfig(PreTrainedConfig):
         self.validate_alignment()
 
     def validate_alignment(self):
-        """Checks the AlignGPT fields; called at init and again by the model (fields can be edited later)."""
+        """Checks the AlignGPT fields; called at init and again by every forward with images (fields can be edited
+        later)."""
         if self.alignment_mode not in ALIGNMENT_MODES:
             raise ValueError(
                 f"Unknown alignment_mode {self.alignment_mode!r}; choose one of {', '.join(ALIGNMENT_MODES)}."

@@ -342,20 +342,26 @@ def load_vision_tower_state_dict(vision_tower: str, vision_config, dtype: torch.
     return {f"model.vision_tower.{key}": value for key, value in tower.state_dict().items()}
 
 
-def _append_mean_rows(weight: torch.Tensor, new_rows: int) -> torch.Tensor:
+def _append_new_rows(weight: torch.Tensor, new_rows: int) -> torch.Tensor:
+    """Rows for the new tokens: the mean of the existing rows, the k-th moved by k/10 of their per-dimension spread,
+    so that no two new rows are equal. Their values never reach the LM (the placeholders are replaced), but the
+    model finds `<image>` and `<align>` in `inputs_embeds` by comparing with their rows, which must differ."""
     if new_rows <= 0:
         return weight
-    mean = weight.float().mean(0, keepdim=True).to(weight.dtype)
-    return torch.cat([weight, mean.expand(new_rows, -1)], dim=0)
+    rows = weight.float()
+    steps = torch.arange(new_rows, dtype=torch.float32).unsqueeze(1) / 10
+    new = (rows.mean(0) + steps * rows.std(0)).to(weight.dtype)
+    return torch.cat([weight, new], dim=0)
 
 
 def resize_vocabulary(state_dict: dict[str, torch.Tensor], new_vocab_size: int, tie_word_embeddings: bool) -> None:
-    """Appends rows (the mean of the existing ones) to the input embeddings and the LM head, in place."""
+    """Appends rows (about the mean of the existing ones, pairwise distinct) to the input embeddings and the LM head,
+    in place."""
     old = state_dict[EMBED_KEY].shape[0]
-    state_dict[EMBED_KEY] = _append_mean_rows(state_dict[EMBED_KEY], new_vocab_size - old)
+    state_dict[EMBED_KEY] = _append_new_rows(state_dict[EMBED_KEY], new_vocab_size - old)
     if LM_HEAD_KEY in state_dict:
         head = state_dict[LM_HEAD_KEY]
-        state_dict[LM_HEAD_KEY] = _append_mean_rows(head, new_vocab_size - head.shape[0])
+        state_dict[LM_HEAD_KEY] = _append_new_rows(head, new_vocab_size - head.shape[0])
     elif tie_word_embeddings:
         state_dict[LM_HEAD_KEY] = state_dict[EMBED_KEY]
 

@@ -219,15 +219,21 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
             [self.config.image_token_id, self.config.alignment_token_id], device=inputs_embeds.device
         )
         placeholder_embeds = self.get_input_embeddings()(ids)
+        if torch.equal(placeholder_embeds[0], placeholder_embeds[1]):
+            raise ValueError(
+                "The <image> and <align> rows of the input embeddings are identical, so the placeholders cannot be "
+                "told apart in inputs_embeds: pass input_ids instead, or give the two rows distinct values."
+            )
         image_mask = (inputs_embeds == placeholder_embeds[0]).all(-1)
         align_mask = (inputs_embeds == placeholder_embeds[1]).all(-1)
         return image_mask, align_mask
 
     def check_pixel_values(self, pixel_values: torch.Tensor):
         size = self.config.vision_config.image_size
-        if pixel_values.dim() != 4 or tuple(pixel_values.shape[-2:]) != (size, size):
+        channels = getattr(self.config.vision_config, "num_channels", 3)
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (channels, size, size):
             raise ValueError(
-                f"pixel_values must have shape (num_images, channels, {size}, {size}) for this vision tower, got "
+                f"pixel_values must have shape (num_images, {channels}, {size}, {size}) for this vision tower, got "
                 f"{tuple(pixel_values.shape)}. Preprocess images with the model's AlignGPTProcessor."
             )
 
@@ -246,7 +252,11 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
             f"{num_images} images, which need {num_images} x {num_patches}. Build inputs with AlignGPTProcessor "
             "(one <image> per image in the text) and make sure truncation does not cut them."
         )
-        align_message = "Each row may hold at most one <align> token, and only rows with an image may hold one{rows}."
+        align_message = (
+            "Each row with an image needs exactly one <align> token (AlignGPTProcessor puts it right after bos) and "
+            "rows without an image none{rows}. If the text was truncated from the left, it may have cut <align>: "
+            "truncate from the right or raise max_length."
+        )
         level_message = (
             f"alignment_levels must lie in 0..{levels - 1} (one per row); bucket the CLIP scores with "
             f"`assign_levels(scores, num_levels={levels})`{{found}}."
@@ -256,7 +266,7 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
             torch_compilable_check(
                 image_tokens.sum() == num_images * num_patches, count_message.format(found="a different number of")
             )
-            torch_compilable_check((align_mask.sum(-1) <= (image_tokens > 0)).all(), align_message.format(rows=""))
+            torch_compilable_check((align_mask.sum(-1) == (image_tokens > 0)).all(), align_message.format(rows=""))
             if alignment_levels is not None:
                 torch_compilable_check(
                     ((alignment_levels >= 0) & (alignment_levels < levels)).all(), level_message.format(found="")
@@ -272,7 +282,7 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         image_tokens, align_tokens = counts[0], counts[1]
         if sum(image_tokens) != num_images * num_patches:
             raise ValueError(count_message.format(found=sum(image_tokens)))
-        bad_rows = [r for r in range(batch_size) if align_tokens[r] > (image_tokens[r] > 0)]
+        bad_rows = [r for r in range(batch_size) if align_tokens[r] != (image_tokens[r] > 0)]
         if bad_rows:
             raise ValueError(align_message.format(rows=f" (rows {bad_rows[:8]} break this)"))
         if alignment_levels is not None:
@@ -297,6 +307,7 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
             inputs_embeds: (batch, seq, hidden), token embeddings *before* the placeholders are filled.
         """
         config = self.config
+        config.validate_alignment()  # the fields may have been edited since the model was built (Python only)
         table = self.alignment_embeddings.weight  # (N, hidden)
         num_local = config.num_alignment_levels - 1
         if alignment_levels is not None:
