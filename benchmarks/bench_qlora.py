@@ -285,7 +285,7 @@ def build_trainer(kind: str, recipe: str, args, device: torch.device):
         bf16=True,
         use_cpu=device.type != "cuda",
         gradient_checkpointing=True,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        activation_checkpointing_kwargs={"use_reentrant": False},
         max_length=None,
         logging_steps=1,
         save_strategy="no",

@@ -6,7 +6,8 @@ A script form of `aligngpt pretrain` (same flags; `python examples/pretrain.py -
 Offline, tiny random model and built-in synthetic data (nothing is downloaded):
 
     python examples/pretrain.py --output runs/pretrain-tiny --max-steps 20
-    accelerate launch --num_processes 2 --cpu examples/pretrain.py --output runs/pretrain-ddp --max-steps 2
+    accelerate launch --config_file examples/accelerate_configs/cpu_2proc.yaml examples/pretrain.py \
+        --output runs/pretrain-ddp --max-steps 2     # two processes on the CPU (gloo)
 
 The paper's phase 1 (Vicuna-7B-v1.5 + CLIP ViT-L/14-336, 558K captions with alignment levels, 8 GPUs, ZeRO-2):
 

@@ -4,7 +4,9 @@ Tiny random models (hidden 64, 2 layers) and a few solid-colour images; every ru
 """
 
 import json
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -90,7 +92,7 @@ def sft_args(tmp_path, **overrides):
         "bf16": False,
         "assistant_only_loss": True,
         "max_length": None,
-        "gradient_checkpointing": False,
+        "activation_checkpointing": False,
         "seed": 0,
         "disable_tqdm": True,
     }
@@ -279,8 +281,8 @@ def cpu_variant_of(config_name: str, tmp_path) -> str:
 
 def test_two_process_cpu_run_through_accelerate_launch(tmp_path):
     output = tmp_path / "ddp"
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch",
+    command = [  # the `accelerate` command itself, as documented (it imports timm where timm is installed)
+        str(Path(sys.executable).with_name("accelerate")), "launch",
         "--config_file", str(ROOT / "examples" / "accelerate_configs" / "cpu_2proc.yaml"),
         str(ROOT / "examples" / "pretrain.py"),
         "--output-dir", str(output), "--max-steps", "2", "--num-rows", "8", "--per-device-train-batch-size", "2",
@@ -454,7 +456,7 @@ def test_phase2_lora_trains_gate_projector_and_adapter_only(config, processor, i
     assert model.config.gate_text_scope == "conversation"
 
 
-def test_phase2_rejects_unworkable_options_before_training(config, processor, instruction_dataset, tmp_path):
+def test_phase2_rejects_unworkable_options_before_training(config, processor, instruction_dataset, tmp_path, caplog):
     with pytest.raises(ValueError, match="packing"):
         make_sft_trainer(new_model(config), processor, instruction_dataset,
                          args=sft_args(tmp_path, packing=True, max_length=512))
@@ -462,8 +464,17 @@ def test_phase2_rejects_unworkable_options_before_training(config, processor, in
         make_sft_trainer(new_model(config), processor, instruction_dataset,
                          args=sft_args(tmp_path, assistant_only_loss=False))
     # the image rows need 16 image tokens after a ~45-token prompt prefix
-    with pytest.raises(ValueError, match=r"max_length=40 would cut image tokens in 6 rows \(row 0 needs \d+"):
+    with pytest.raises(ValueError, match=r"max_length=40 would cut image tokens in 6 rows \(row 0 needs \d+") as info:
         make_sft_trainer(new_model(config), processor, instruction_dataset, args=sft_args(tmp_path, max_length=40))
+    # the bare minimum keeps the images but cuts the answers after them: the collator says those rows train nothing
+    assert "plus the length of the answers" in str(info.value)
+    minimum = int(re.search(r"at least (\d+)", str(info.value)).group(1))
+    trainer = make_sft_trainer(new_model(config), processor, instruction_dataset,
+                               args=sft_args(tmp_path, max_length=minimum))
+    with caplog.at_level(logging.WARNING):
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    assert (batch["labels"] == -100).all(-1).any()
+    assert "without any supervised token" in caplog.text
     trainer = make_sft_trainer(new_model(config), processor, instruction_dataset,
                                args=sft_args(tmp_path, max_length=80, max_steps=1))
     assert trainer.data_collator.max_length == 80

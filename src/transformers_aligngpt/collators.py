@@ -16,12 +16,14 @@ from typing import Any
 
 import torch
 from PIL import Image
+from transformers.utils import logging
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
 from .configuration_aligngpt import GATE_TEXT_SCOPES
 from .processing_aligngpt import plain_pretraining_text
 
 IGNORE_INDEX = -100
+logger = logging.get_logger(__name__)
 
 
 def _load_image(image: Any) -> Image.Image:
@@ -196,6 +198,14 @@ class AlignGPTInstructionCollator(DataCollatorForVisionLanguageModeling):
                 raise ValueError(
                     f"max_length={self.max_length} cut image tokens ({found} of {expected} <image> tokens left in the "
                     "batch). Raise max_length or set it to None."
+                )
+        if self.max_length is not None and batch["input_ids"].shape[1] >= self.max_length:
+            unsupervised = int((batch["labels"] == IGNORE_INDEX).all(-1).sum())
+            if unsupervised:
+                # a silent failure otherwise: a run whose answers are all cut away trains nothing (loss 0)
+                logger.warning_once(
+                    f"max_length={self.max_length} leaves some rows without any supervised token (their answers "
+                    "come after the cut): they train nothing. Raise max_length or set it to None."
                 )
         if self.gate_text_scope == "prompt":
             batch["gate_text_mask"] = batch["labels"] == IGNORE_INDEX

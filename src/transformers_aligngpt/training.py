@@ -340,7 +340,9 @@ def validate_pretraining_dataset(dataset, num_alignment_levels: int, level_colum
     if nulls:
         first = next(i for i, value in enumerate(column.to_pylist()) if value is None)
         raise ValueError(
-            f"{nulls} pre-training rows have no {level_column!r} (the first is row {first}); every pair needs a level."
+            f"{nulls} pre-training rows have no {level_column!r} (the first is row {first}); every pair needs a level. "
+            "In a LLaVA-layout JSON the level is the record's `similarity`: compute the levels with `aligngpt levels` "
+            "(transformers_aligngpt.alignment_levels), or drop the rows without one."
         )
     if len(column):
         low, high = pc.min(column).as_py(), pc.max(column).as_py()
@@ -620,7 +622,8 @@ def validate_sft_options(
                 raise ValueError(
                     f"max_length={args.max_length} would cut image tokens in {count} rows ({listed} tokens to keep all "
                     f"of its {processor.num_image_tokens}-token images). Raise max_length to at least "
-                    f"{max(needed for _, needed in rows)} or set it to None."
+                    f"{max(needed for _, needed in rows)} to keep the images, plus the length of the answers that "
+                    "follow them (those are what is trained on), or set it to None."
                 )
 
 
