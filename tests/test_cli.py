@@ -83,6 +83,9 @@ def test_no_subcommand_prints_help(capsys):
         (["sft", "--gate-text-scope", "answers"], "argument --gate-text-scope: invalid choice: 'answers'"),
         (["sft", "--merge"], "--merge merges a LoRA adapter: add --use-peft"),
         (["sft", "--pretrain-artifact", "/no/such/mm_projector_align.safetensors"], "no such file or folder"),
+        (["sft", "--pretrain-artefact", "/no/such/mm_projector_align.safetensors"], "no such file or folder"),
+        (["sft", "--language-model", "/no/llm", "--vision-tower", "b"], "--language-model /no/llm: no such folder"),
+        (["pretrain", "--language-model", "a", "--vision-tower", "/no/clip"], "--vision-tower /no/clip: no such"),
     ],
 )
 def test_bad_flags_give_clear_errors(argv, message, capsys):
@@ -92,6 +95,19 @@ def test_bad_flags_give_clear_errors(argv, message, capsys):
     err = capsys.readouterr().err
     assert message in err, err
     assert err.startswith("usage: aligngpt")
+
+
+@pytest.mark.parametrize("command", ["pretrain", "sft"])
+def test_a_model_that_is_neither_here_nor_on_the_hub_is_one_line(command, capsys, monkeypatch):
+    """`runs/x` (one slash) reads as a Hub id: when the Hub cannot give it either, the error names the flag, without
+    a traceback. (Offline mode stands in for an unreachable or missing repository, without the network's retries.)"""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--model", "runs/no-such-run"])
+    assert exit_info.value.code == 2
+    assert "--model runs/no-such-run: cannot load it: not a checkpoint folder here" in capsys.readouterr().err
 
 
 @pytest.fixture
@@ -131,7 +147,7 @@ def test_chat_session_keeps_the_conversation(model, processor, images):
 def test_chat_reads_questions_from_stdin(checkpoint, model, processor, images):
     image = checkpoint.parent / "image.png"
     result = run_cli("chat", "--model", str(checkpoint), "--image", str(image), "--max-new-tokens", "6",
-                     "--show-gate", stdin="What is shown?\n\n/reset\nWhat is shown?\n/image /nope.png\n/quit\nignored\n")
+                     "--show-gate", stdin="What is shown?\n\n/reset\n/imgae x.png\nWhat is shown?\n/image /nope.png\n/quit\nignored\n")
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     from PIL import Image
@@ -142,6 +158,7 @@ def test_chat_reads_questions_from_stdin(checkpoint, model, processor, images):
     assert sum(line.startswith("  gate: L0=") for line in lines) == 2
     assert "(conversation cleared)" in lines
     assert "error: image /nope.png: no such file" in lines
+    assert any(line.startswith("error: unknown command /imgae") for line in lines)  # a typo is not a question
     assert "USER: ignored" not in lines  # /quit ends the session
 
 

@@ -21,7 +21,9 @@ its `add_*_subparser` function.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -31,6 +33,29 @@ EPILOG = "Run `aligngpt <subcommand> --help` for the flags of a subcommand."
 
 class CommandError(Exception):
     """A problem with the user's input, reported as `aligngpt <cmd>: error: ...` (exit status 2)."""
+
+
+def looks_like_path(value: str) -> bool:
+    """A local path rather than a Hub id (`user/name` or `name`)."""
+    return value.startswith((".", "/", "~")) or value.count("/") > 1
+
+
+def check_model_source(flag: str, value: str | None) -> None:
+    """A `--model`-like value that is clearly a local path must exist (a Hub id is checked when it is loaded)."""
+    if value and looks_like_path(value) and not os.path.exists(os.path.expanduser(value)):
+        raise CommandError(f"{flag} {value}: no such folder (and not a Hub id)")
+
+
+@contextlib.contextmanager
+def loading(flag: str, value: str):
+    """Turns the OSError of a failed `from_pretrained` (no such folder here, no such or unreachable Hub repo) into
+    a one-line CommandError naming the flag."""
+    try:
+        yield
+    except OSError as error:
+        raise CommandError(
+            f"{flag} {value}: cannot load it: not a checkpoint folder here, and not loadable as a Hub id ({error})"
+        ) from error
 
 
 # ---------------------------------------------------------------------------------------------- chat
@@ -62,12 +87,9 @@ def add_chat_subparser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_chat(args: argparse.Namespace) -> int:
-    import os
-
     if args.image and not os.path.isfile(args.image):
         raise CommandError(f"--image {args.image}: no such file")
-    if not os.path.exists(args.model) and (args.model.startswith((".", "/", "~")) or args.model.count("/") > 1):
-        raise CommandError(f"--model {args.model}: no such folder (and not a Hub id)")
+    check_model_source("--model", args.model)
     session = ChatSession.load(
         args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
         system_prompt=args.system,
@@ -174,12 +196,17 @@ class ChatSession:
                 show_gate = not show_gate
                 print(f"(gate weights {'on' if show_gate else 'off'})", file=stdout)
                 continue
-            if line.startswith("/image"):
+            if line.split(maxsplit=1)[0] == "/image":
                 try:
                     self.set_image(line[len("/image"):].strip())
                     print("(new image; conversation cleared)", file=stdout)
                 except CommandError as error:
                     print(f"error: {error}", file=stdout)
+                continue
+            word = line.split(maxsplit=1)[0]
+            if word.startswith("/") and word[1:].isalpha():
+                # a mistyped command (`/imgae x.png`) would otherwise go to the model as a question
+                print(f"error: unknown command {word} (commands: /image FILE, /reset, /gate, /quit)", file=stdout)
                 continue
             answer, weights = self.ask(line, show_gate=show_gate, **generation)
             print(f"ASSISTANT: {answer}", file=stdout, flush=True)

@@ -793,7 +793,7 @@ def convert_original_sequence(
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_argument_group("source (one of)")
     source.add_argument("--checkpoint", help="folder of a full checkpoint of the original format")
-    source.add_argument("--pretrain-artefact", help="phase-1 output mm_projector_align.bin (projector + alignment "
+    source.add_argument("--pretrain-artefact", "--pretrain-artifact", dest="pretrain_artefact", help="phase-1 output mm_projector_align.bin (projector + alignment "
                         "embeddings); needs --language-model and --vision-tower, the gate is freshly initialised")
     parser.add_argument("--vision-tower", help="folder or Hub id of the CLIP vision tower (config, preprocessor "
                         "settings, and weights when the checkpoint has no copy); default: the config's "
@@ -833,6 +833,13 @@ def add_convert_subparser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_convert(args: argparse.Namespace):
+    from .cli import CommandError, check_model_source
+
+    for flag in ("--language-model", "--vision-tower"):
+        try:
+            check_model_source(flag, getattr(args, flag[2:].replace("-", "_")))
+        except CommandError as error:
+            raise SystemExit(f"convert: {error}") from None
     if bool(args.checkpoint) == bool(args.pretrain_artefact):
         raise SystemExit("convert: give exactly one of --checkpoint or --pretrain-artefact")
     if not args.output and not args.push_to_hub:
@@ -853,6 +860,8 @@ def run_convert(args: argparse.Namespace):
             )
     except ConversionError as error:
         raise SystemExit(f"convert: {error}") from error
+    except OSError as error:  # a tower / LLM that is neither a folder here nor loadable from the Hub
+        raise SystemExit(f"convert: cannot load a model it needs: {error}") from error
     where = " and ".join(x for x in (args.output, args.push_to_hub and f"hub:{args.push_to_hub}") if x)
     print(f"Converted AlignGPT ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
           f"{model.dtype}) -> {where}")

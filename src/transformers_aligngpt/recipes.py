@@ -16,7 +16,7 @@ import json
 import os
 from collections.abc import Sequence
 
-from .cli import CommandError, _positive_int
+from .cli import CommandError, _positive_int, check_model_source, loading
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -159,13 +159,8 @@ def _check_model_flags(args) -> None:
         )
     if bool(args.language_model) != bool(args.vision_tower):
         raise CommandError("--language-model and --vision-tower go together (a new AlignGPT needs both)")
-    if args.model and _looks_like_path(args.model) and not os.path.exists(args.model):
-        raise CommandError(f"--model {args.model}: no such folder (and not a Hub id)")
-
-
-def _looks_like_path(value: str) -> bool:
-    """A local path rather than a Hub id (`user/name` or `name`), as `aligngpt chat` tells them apart."""
-    return value.startswith((".", "/", "~")) or value.count("/") > 1
+    for flag in ("--model", "--language-model", "--vision-tower"):
+        check_model_source(flag, getattr(args, flag[2:].replace("-", "_")))
 
 
 def _check_data_flags(args) -> None:
@@ -196,15 +191,18 @@ def build_pretrain_model_and_processor(args: argparse.Namespace):
 
         from . import AlignGPTConfig  # noqa: F401  (registers AlignGPT with the Auto classes)
 
-        model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=_dtype(args.bf16))
-        return model, AutoProcessor.from_pretrained(args.model)
+        with loading("--model", args.model):
+            model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=_dtype(args.bf16))
+            return model, AutoProcessor.from_pretrained(args.model)
     if args.language_model:
         from .training import build_aligngpt_from_pretrained
 
         # the frozen parts stay in bf16 with --bf16; trained parts are upcast by the trainer's mixed precision
-        return build_aligngpt_from_pretrained(
-            args.language_model, args.vision_tower, num_alignment_levels=args.num_levels or 8, dtype=_dtype(args.bf16)
-        )
+        with loading("--language-model / --vision-tower", f"{args.language_model} / {args.vision_tower}"):
+            return build_aligngpt_from_pretrained(
+                args.language_model, args.vision_tower, num_alignment_levels=args.num_levels or 8,
+                dtype=_dtype(args.bf16),
+            )
     from .demo import NUM_QUALITIES, demo_corpus
     from .tiny import build_tiny_model
 
@@ -325,7 +323,7 @@ def add_sft_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         levels_help="number of alignment levels of a model built from --language-model / --vision-tower (default: "
         "the --pretrain-artifact's, else 8)",
     )
-    model.add_argument("--pretrain-artifact", metavar="PATH",
+    model.add_argument("--pretrain-artifact", "--pretrain-artefact", dest="pretrain_artifact", metavar="PATH",
                        help="phase-1 artefact to load: mm_projector_align.safetensors (or the original's .bin), or a "
                        "folder holding it")
     model.add_argument("--gate-text-scope", choices=["prompt", "conversation"], default=None,
@@ -394,8 +392,6 @@ def artifact_levels(path) -> int | None:
 
 def build_sft_model_and_processor(args: argparse.Namespace):
     """(model, processor) for phase 2: a checkpoint (4-bit with --load-in-4bit), a new AlignGPT, or the tiny model."""
-    import tempfile
-
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -410,25 +406,31 @@ def build_sft_model_and_processor(args: argparse.Namespace):
     model = None
     if args.language_model:
         levels = args.num_levels or artifact_levels(args.pretrain_artifact) or 8
-        model, processor = build_aligngpt_from_pretrained(
-            args.language_model, args.vision_tower, num_alignment_levels=levels, dtype=dtype
-        )
+        with loading("--language-model / --vision-tower", f"{args.language_model} / {args.vision_tower}"):
+            model, processor = build_aligngpt_from_pretrained(
+                args.language_model, args.vision_tower, num_alignment_levels=levels, dtype=dtype
+            )
     elif path is None:
         from .demo import demo_corpus
         from .tiny import build_tiny_model
 
-        levels = {"num_alignment_levels": args.num_levels} if args.num_levels else {}
+        levels = args.num_levels or artifact_levels(args.pretrain_artifact)  # the artefact's, as for a new model
+        levels = {"num_alignment_levels": levels} if levels else {}
         model, processor = build_tiny_model(texts=demo_corpus(), seed=args.seed, **levels)
-        if args.load_in_4bit:  # quantisation happens while loading: save the tiny model first
-            path = tempfile.mkdtemp(prefix="aligngpt-tiny-")
+        if args.load_in_4bit:
+            # quantisation happens while loading: save the tiny model first, in the run's folder, where the adapter's
+            # `base_model_name_or_path` will point (to reload or merge it later)
+            path = os.path.join(args.output, "tiny-base-model")
             model.save_pretrained(path)
             processor.save_pretrained(path)
     else:
-        processor = AutoProcessor.from_pretrained(path)
-    if args.load_in_4bit:
-        model = load_for_qlora(path, compute_dtype=torch.bfloat16)
-    elif model is None:
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
+        with loading("--model", path):
+            processor = AutoProcessor.from_pretrained(path)
+    with loading("--model", path):
+        if args.load_in_4bit:
+            model = load_for_qlora(path, compute_dtype=torch.bfloat16)
+        elif model is None:
+            model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
     if args.pretrain_artifact:
         try:
             load_pretraining_artifact(model, args.pretrain_artifact)
