@@ -47,6 +47,20 @@ def test_alignment_token_after_bos_only_for_image_rows_and_image_expansion(proce
     assert len(kept) >= len(plain) - 2  # same text, up to the split around the placeholder
 
 
+def test_alignment_token_typed_in_the_text_is_refused(processor, config, images):
+    tok = processor.tokenizer
+    # text that already went through the processor keeps its one <align> after bos (no second one)
+    once = processor(images=images[:1], text=["<image>a box\n"])["input_ids"][0]
+    again = processor(images=images[:1], text=[tok.bos_token + "<align><image>a box\n"])["input_ids"][0]
+    assert again == once and once.count(config.alignment_token_id) == 1
+    # typed by a user, it would move (or double) the alignment slot: a clear error instead
+    question = processor.apply_chat_template(chat("What does the HTML tag <align> do?"), add_generation_prompt=True)
+    with pytest.raises(ValueError, match="Text 0 holds '<align>' elsewhere than right after bos"):
+        processor(images=images[:1], text=[question])
+    with pytest.raises(ValueError, match="Text 1 holds '<align>' in a row without an image"):
+        processor(images=images[:1], text=["<image>a box\n", "what is <align>?"])
+
+
 def test_assistant_mask_covers_answers_and_eos_only(processor, images):
     messages = chat("What is it?", answer="A red box.")
     messages[0]["content"][0]["image"] = images[0]

@@ -238,7 +238,7 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
             )
 
     def check_placeholders(self, image_mask, align_mask, num_images, num_patches, alignment_levels):
-        """Placeholder counts against the images, one `<align>` at most per row and only on image rows, and the
+        """Placeholder counts against the images, exactly one `<align>` in each image row and none elsewhere, and the
         alignment levels' range. Eager: one small device-to-host copy (this forward's one sync) and the checks in
         Python; traced (torch.compile / export): `torch_compilable_check`s, which are also the compiler's hints."""
         levels = self.config.num_alignment_levels

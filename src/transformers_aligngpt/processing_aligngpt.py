@@ -145,8 +145,16 @@ class AlignGPTProcessor(ProcessorMixin):
             added_bos = bos is not None and not text[row].startswith(bos)
             if added_bos:
                 text[row], offsets[row] = _insert(text[row], offsets[row], 0, 0, bos, "bos")
-            if has_image and align not in text[row]:
-                at = len(bos) if bos is not None else 0
+            at = len(bos) if bos is not None else 0
+            if align in text[row]:
+                # already in place (text that went through this processor before), or typed in the text
+                if not has_image or text[row].find(align) != at or text[row].count(align) > 1:
+                    where = "in a row without an image" if not has_image else "elsewhere than right after bos"
+                    raise ValueError(
+                        f"Text {row} holds {align!r} {where}: it is AlignGPT's reserved token, which the processor "
+                        "puts right after bos in rows with an image. Remove it from the text."
+                    )
+            elif has_image:
                 original_at = 0 if added_bos else at
                 text[row], offsets[row] = _insert(text[row], offsets[row], at, original_at, align, "alignment")
         return text, offsets
