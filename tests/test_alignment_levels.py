@@ -14,6 +14,9 @@ from transformers import CLIPModel
 
 from transformers_aligngpt.alignment_levels import (
     BadRowsError,
+    _PairView,
+    _row_digests,
+    _shard_ranges,
     add_alignment_levels,
     add_levels_subparser,
     assign_levels,
@@ -115,6 +118,52 @@ def pair_dataset(folder, files, captions, ids=None):
 
 def scores_of(dataset):
     return dataset.with_format("arrow")["clip_score"].to_numpy()
+
+
+def shard_ranges_of(dataset, shard_size, image_column="images", text_column="caption"):
+    """The cache shards `score_pairs` cuts the dataset into (their boundaries follow the content)."""
+    view = _PairView(dataset, image_column, text_column, None, None)
+    return _shard_ranges(_row_digests(view, view.table()), shard_size)
+
+
+def batch_sizes(ranges, batch_size):
+    """Rows per forward pass, shard by shard (a shard's last batch may be short)."""
+    return [[min(batch_size, end - s) for s in range(start, end, batch_size)] for start, end in ranges]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# content-defined shards
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_shards_follow_the_content_so_an_edit_moves_no_other_shard():
+    rng = np.random.default_rng(0)
+    digests = rng.integers(0, 2**63, size=5000, dtype=np.uint64)
+    ranges = _shard_ranges(digests, 64)
+    assert ranges[0][0] == 0 and ranges[-1][1] == 5000
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))  # consecutive, no gap, no overlap
+    assert all(0 < end - start <= 4 * 64 for start, end in ranges)
+    assert 40 < len(ranges) < 120  # about 5000 / 64 on average
+    # every shard but the last ends at a row whose digest is 0 mod shard_size (or at the 4x cap)
+    assert all(digests[end - 1] % 64 == 0 or end - start == 256 for start, end in ranges[:-1])
+
+    def shards_as_rows(ranges, rows):
+        return {tuple(rows[start:end]) for start, end in ranges}
+
+    rows = list(range(5000))
+    before = shards_as_rows(ranges, rows)
+    for edit in ("remove", "insert"):
+        if edit == "remove":
+            kept = [r for r in rows if r != 2500]
+            new_digests = digests[kept]
+        else:
+            kept = rows[:2500] + [-1] + rows[2500:]
+            new_digests = np.concatenate([digests[:2500], np.array([12345], dtype=np.uint64), digests[2500:]])
+        after = shards_as_rows(_shard_ranges(new_digests, 64), kept)
+        changed = after - before
+        # only the shard holding the edit is new (two, when the edit removes or adds a boundary)
+        assert 1 <= len(changed) <= 2, edit
+        assert sum(map(len, changed)) < 2 * 4 * 64
 
 
 @pytest.fixture
@@ -321,19 +370,23 @@ def test_resume_scores_only_what_was_missing(clip_tiny_dir, clip_tiny, clip_pair
     cache = tmp_path / "cache"
     kwargs = dict(batch_size=8, shard_size=16, num_workers=1, cache_dir=cache, device="cpu", progress=False)
 
-    # crash in the 4th forward pass: shard 0 (2 batches) is done, shard 1 is half done
-    control["fail_at"] = 4
+    ranges = shard_ranges_of(ds, 16)
+    sizes = batch_sizes(ranges, 8)
+    assert len(ranges) >= 3
+
+    # crash in the last forward pass of shard 1: shard 0 is done, shard 1 is not
+    control["fail_at"] = len(sizes[0]) + len(sizes[1])
     with pytest.raises(RuntimeError, match="simulated crash"):
         score_pairs(ds, clip_tiny_dir, **kwargs)
-    assert sum(calls) == 32
+    assert calls == sizes[0] + sizes[1]
     assert len(list(cache.glob("*.arrow"))) == 1
     assert not [p for p in cache.iterdir() if p.suffix != ".arrow"]  # no half-written file left behind
 
-    # the rerun scores shards 1 and 2 only
+    # the rerun scores every shard but the first
     control["fail_at"] = None
     calls.clear()
     out = score_pairs(ds, clip_tiny_dir, **kwargs)
-    assert sum(calls) == 48 - 16 and len(calls) == 4
+    assert calls == [b for shard in sizes[1:] for b in shard]
     expected = reference_scores(clip_tiny, [folder / f for f in files], captions)
     np.testing.assert_allclose(scores_of(out), expected, rtol=0, atol=1e-5)
 
@@ -342,12 +395,25 @@ def test_resume_scores_only_what_was_missing(clip_tiny_dir, clip_tiny, clip_pair
     again = score_pairs(ds.add_column("other", list(range(48))), clip_tiny_dir, **kwargs)
     assert calls == []
     np.testing.assert_array_equal(scores_of(again), scores_of(out))
-    # appending rows only scores the new shard
+    # appending rows, or removing one in the middle, rescores only the shards whose rows changed
+    def rescored_rows(edited):
+        old = {tuple(rows) for rows in (ids[start:end] for start, end in ranges)}
+        edited_ids = edited["id"]
+        return sum(end - start for start, end in shard_ranges_of(edited, 16)
+                   if tuple(edited_ids[start:end]) not in old)
+
+    ids = ds["id"]
     extra_files, extra_captions = [files[0]] * 5, [f"new caption {i}" for i in range(5)]
     grown = pair_dataset(folder, files + extra_files, captions + extra_captions)
     calls.clear()
     score_pairs(grown, clip_tiny_dir, **kwargs)
-    assert sum(calls) == 5
+    assert sum(calls) == rescored_rows(grown) < 48
+    middle = ranges[len(ranges) // 2]
+    shrunk = ds.select([i for i in range(48) if i != middle[0] + 1])
+    calls.clear()
+    np.testing.assert_array_equal(scores_of(score_pairs(shrunk, clip_tiny_dir, **kwargs)),
+                                  np.delete(scores_of(out), middle[0] + 1))
+    assert sum(calls) == rescored_rows(shrunk) < 47  # the shards before the removed row are not rescored
 
 
 def write_bad_data(folder, files, captions):
@@ -426,7 +492,7 @@ def test_undecodable_image_error_after_scoring_then_fixed(
     assert info.value.report.rows == [13] and info.value.report.ids == ["r13"]
     assert info.value.report.reasons[0].startswith("undecodable image")
     assert sum(calls) == 19  # all other pairs were scored ...
-    assert len(list((tmp_path / "c").glob("*.arrow"))) == 3  # ... and cached
+    assert len(list((tmp_path / "c").glob("*.arrow"))) == len(shard_ranges_of(ds, 8))  # ... and cached
 
     broken.write_bytes(good_bytes)  # the user fixes the file: the rerun scores that image only
     calls.clear()
@@ -670,7 +736,10 @@ def test_two_processes_split_the_shards(clip_tiny_dir, clip_tiny, clip_pairs, tm
     ]
     done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "5 to score on 2 process(es); 12 rows here" in done.stderr  # process 0: 3 of the 5 shards
+    ranges = shard_ranges_of(load_llava_json(tmp_path / "data.json", folder), 4)
+    first_half = ranges[: (len(ranges) + 1) // 2]  # accelerate gives process 0 the first half (+1 when odd)
+    here = sum(end - start for start, end in first_half)
+    assert f"{len(ranges)} to score on 2 process(es); {here} rows here" in done.stderr
     assert done.stdout.count('"records": 20') == 1  # written once, by the main process
     written = json.loads((tmp_path / "out.json").read_text())
     expected = reference_scores(clip_tiny, [folder / f for f in files], captions)

@@ -9,10 +9,12 @@ file) without the code that made them; this module computes them for any data:
   through transformers' `AutoModel` (`get_image_features` / `get_text_features`). Images are decoded and
   preprocessed by the model's image processor (transformers' torchvision backend where torchvision is installed:
   about 2x faster per worker than the PIL one, used otherwise) in `torch.utils.data.DataLoader` worker processes;
-  the model runs batched on the accelerator (bf16 / fp16 on GPU). The dataset is cut into contiguous shards; each shard
-  is scored with `datasets.Dataset.map(batched=True)` into its own Arrow cache file, named by a datasets fingerprint
-  of the shard's content and of the scorer (weights, processor, settings). An interrupted run therefore resumes
-  where it stopped: finished shards load from their cache files, only the others are scored. Under
+  the model runs batched on the accelerator (bf16 / fp16 on GPU). The dataset is cut into shards of consecutive
+  rows at boundaries its content decides (content-defined chunking); each shard is scored with
+  `datasets.Dataset.map(batched=True)` into its own Arrow cache file, named by a datasets fingerprint of the shard's
+  rows (image paths or bytes, captions) and of the scorer (weights, processor, settings). An interrupted run
+  therefore resumes where it stopped: finished shards load from their cache files, only the others are scored; rows
+  removed, inserted or appended rescore only the shards they fall in. Under
   `accelerate launch` each process scores its share of the pending shards; the results are gathered through the
   cache files (one machine, or a shared file system).
 - `assign_levels(scores, num_levels)`: stable ranking -> equal-count buckets.
@@ -63,7 +65,7 @@ __all__ = [
 #: the CLIP of the paper (AlignGPT-7B / 13B use ViT-L/14 at 336 px)
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14-336"
 
-_CACHE_VERSION = "aligngpt-clip-scores-v1"
+_CACHE_VERSION = "aligngpt-clip-scores-v2"  # v2: content-defined shards
 _SCORE_FEATURES = Features({"clip_score": Value("float32"), "clip_error": Value("string")})
 
 # reasons (the text before ':' is the category counted in reports)
@@ -291,6 +293,68 @@ def _prescan(view: _PairView, table: pa.Table, ids: np.ndarray, check_files: boo
             if data is None and not os.path.isfile(path):
                 reasons[row] = f"{_FILE_NOT_FOUND}: {path}"
     return reasons
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# shards: content-defined, so that inserting or removing rows rescores only the shards they are in
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _update_digest(digest, value) -> None:
+    """Feeds one image or text cell (a path, bytes, a {bytes, path} dict, a list of those, None) into `digest`."""
+    if isinstance(value, (list, tuple)):
+        digest.update(b"[%d" % len(value))
+        for item in value:
+            _update_digest(digest, item)
+    elif isinstance(value, dict):
+        _update_digest(digest, value.get("path"))
+        _update_digest(digest, value.get("bytes"))
+    elif isinstance(value, bytes):
+        digest.update(b"b%d:" % len(value))
+        digest.update(value)
+    elif value is None:
+        digest.update(b"n")
+    else:
+        text = str(value).encode("utf-8")
+        digest.update(b"s%d:" % len(text))
+        digest.update(text)
+
+
+def _row_digests(view: _PairView, table: pa.Table, chunk: int = 4096) -> np.ndarray:
+    """(n,) uint64: an xxhash of each row's image cell and text, read `chunk` rows at a time (embedded image bytes
+    are not all held at once)."""
+    n = table.num_rows
+    digests = np.empty(n, dtype=np.uint64)
+    for start in range(0, n, chunk):
+        part = table.slice(start, chunk)
+        images = part.column(view.image_column).to_pylist()
+        texts = part.column(view.text_column).to_pylist()
+        for j, (image, text) in enumerate(zip(images, texts)):
+            digest = xxhash.xxh64()
+            _update_digest(digest, image)
+            _update_digest(digest, text)
+            digests[start + j] = digest.intdigest()
+    return digests
+
+
+def _shard_ranges(digests: np.ndarray, shard_size: int) -> list[tuple[int, int]]:
+    """Row ranges of about `shard_size` rows (on average) that end after each row whose digest is 0 modulo
+    `shard_size` (content-defined chunking): a boundary depends on that row alone, so rows inserted, removed or
+    changed in one shard leave the others, and their cache files, as they were. A run of 4 x shard_size rows
+    without a boundary is cut there (rare: e^-4 of the shards)."""
+    n, longest = len(digests), 4 * shard_size
+    ends = (np.flatnonzero(digests % np.uint64(shard_size) == 0) + 1).tolist()
+    if not ends or ends[-1] != n:
+        ends.append(n)
+    ranges, start = [], 0
+    for end in ends:
+        while end - start > longest:
+            ranges.append((start, start + longest))
+            start += longest
+        if end > start:
+            ranges.append((start, end))
+            start = end
+    return ranges
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -732,7 +796,8 @@ def score_pairs(
         prefetch_factor: chunks each worker prepares ahead (a batch is decoded in chunks of about
             batch_size / num_workers rows, one per worker; they wait in shared memory, /dev/shm).
         device, dtype: default: accelerate's device for this process; bf16 (fp16 without bf16) on GPU, fp32 on CPU.
-        shard_size: rows per cache file; an interrupted run loses at most the shards in flight.
+        shard_size: average rows per cache file (boundaries follow the content, at most 4x this); an interrupted
+            run loses at most the shards in flight.
         cache_dir: where the shard files live (default: `<HF datasets cache>/aligngpt_clip_scores`);
             `overwrite_cache=True` rescores everything.
         on_bad: `"skip"` drops bad rows from the result, `"error"` raises `BadRowsError` (see the module docstring).
@@ -796,19 +861,19 @@ def score_pairs(
     if on_bad == "error" and (reasons != None).any():
         raise BadRowsError(_report_from(reasons, ids), " found before scoring")
 
-    # shards: contiguous row ranges, each cached under a fingerprint of its content and of the scorer
+    # shards: runs of consecutive rows cut where the rows' content says (so an edit moves no other shard), each
+    # cached under a fingerprint of its rows and of the scorer
     cache_dir = os.fspath(cache_dir) if cache_dir is not None else _default_cache_dir()
     os.makedirs(cache_dir, exist_ok=True)
     scorer_key = scorer.fingerprint()
-    ranges = [(start, min(start + shard_size, n)) for start in range(0, n, shard_size)]
+    digests = _row_digests(view, table)
+    ranges = _shard_ranges(digests, shard_size)
     keys, files = [], []
     for start, end in ranges:
-        content = table.slice(start, end - start)
         key = Hasher.hash(
             {
                 "scorer": scorer_key,
-                "images": content.column(view.image_column).to_pylist(),
-                "texts": content.column(view.text_column).to_pylist(),
+                "rows": digests[start:end].tobytes(),
                 "image_folder": view.image_folder,
                 "skipped": reasons[start:end].tolist(),
             }
@@ -823,7 +888,7 @@ def score_pairs(
     n_mine = sum(ranges[k][1] - ranges[k][0] for k in mine)
     if state.is_main_process:
         logger.info(
-            "scoring %d pairs: %d shards of %d, %d cached, %d to score on %d process(es); %d rows here on %s "
+            "scoring %d pairs: %d shards of ~%d, %d cached, %d to score on %d process(es); %d rows here on %s "
             "(%s), %d decoding workers",
             n,
             len(ranges),
@@ -942,7 +1007,7 @@ def _add_levels_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument("--num-workers", type=int, default=None, help="image-decoding worker processes")
     parser.add_argument("--device", default=None, help="default: accelerate's device for this process")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--shard-size", type=int, default=8192, help="rows per resumable cache file")
+    parser.add_argument("--shard-size", type=int, default=8192, help="average rows per resumable cache file")
     parser.add_argument("--cache-dir", default=None, help="default: <HF datasets cache>/aligngpt_clip_scores")
     parser.add_argument("--overwrite-cache", action="store_true", help="rescore everything")
     parser.add_argument(
@@ -1023,8 +1088,8 @@ def run_levels(args: argparse.Namespace) -> int:
         )
     except BadRowsError as error:
         hint = (
-            "; `--on-bad skip` reruns from the cache and leaves them out (removing rows from the file moves the "
-            "shards after them, which are then scored again)"
+            "; `--on-bad skip` reruns from the cache and leaves them out, and fixing or removing them from the file "
+            "rescores only their shards"
         )
         return fail(f"{error}{hint}", error.report)
     if len(scored) < args.num_levels:
