@@ -106,11 +106,13 @@ def reference_scores(clip_tiny, paths, captions):
     return np.array(out)
 
 
-def pair_dataset(folder, files, captions, ids=None):
+def pair_dataset(folder, files, captions, ids=None, relative=False):
+    """`relative=True`: the paths as given (to be read with `image_folder=folder`), so that the rows, and the shard
+    boundaries that follow them, are the same in every test run."""
     return datasets.Dataset.from_dict(
         {
             "id": ids if ids is not None else [f"r{i}" for i in range(len(files))],
-            "images": [[str(Path(folder) / f)] for f in files],
+            "images": [[f if relative else str(Path(folder) / f)] for f in files],
             "caption": captions,
         }
     )
@@ -124,11 +126,6 @@ def shard_ranges_of(dataset, shard_size, image_column="images", text_column="cap
     """The cache shards `score_pairs` cuts the dataset into (their boundaries follow the content)."""
     view = _PairView(dataset, image_column, text_column, None, None)
     return _shard_ranges(_row_digests(view, view.table()), shard_size)
-
-
-def batch_sizes(ranges, batch_size):
-    """Rows per forward pass, shard by shard (a shard's last batch may be short)."""
-    return [[min(batch_size, end - s) for s in range(start, end, batch_size)] for start, end in ranges]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -366,27 +363,30 @@ def test_images_are_decoded_in_worker_processes(clip_tiny_dir, clip_pairs, tmp_p
 def test_resume_scores_only_what_was_missing(clip_tiny_dir, clip_tiny, clip_pairs, tmp_path, count_image_calls):
     calls, control = count_image_calls
     folder, files, captions = clip_pairs(48)
-    ds = pair_dataset(folder, files, captions)
+    ds = pair_dataset(folder, files, captions, relative=True)
     cache = tmp_path / "cache"
-    kwargs = dict(batch_size=8, shard_size=16, num_workers=1, cache_dir=cache, device="cpu", progress=False)
+    kwargs = dict(batch_size=8, shard_size=16, num_workers=1, cache_dir=cache, device="cpu", progress=False,
+                  image_folder=folder)
 
     ranges = shard_ranges_of(ds, 16)
-    sizes = batch_sizes(ranges, 8)
     assert len(ranges) >= 3
-
-    # crash in the last forward pass of shard 1: shard 0 is done, shard 1 is not
-    control["fail_at"] = len(sizes[0]) + len(sizes[1])
+    # the forward passes run over full batches of 8 rows whatever the shards; crash in the one that holds the last
+    # row of shard 1: the batches before it are handed over, so the shards they cover are done, shard 1 is not
+    control["fail_at"] = (ranges[1][1] - 1) // 8 + 1
+    handed_over = 8 * (control["fail_at"] - 1)
+    done = [r for r in ranges if r[1] <= handed_over]
     with pytest.raises(RuntimeError, match="simulated crash"):
         score_pairs(ds, clip_tiny_dir, **kwargs)
-    assert calls == sizes[0] + sizes[1]
-    assert len(list(cache.glob("*.arrow"))) == 1
+    assert calls == [8] * control["fail_at"]
+    assert len(list(cache.glob("*.arrow"))) == len(done) and ranges[1] not in done
     assert not [p for p in cache.iterdir() if p.suffix != ".arrow"]  # no half-written file left behind
 
-    # the rerun scores every shard but the first
+    # the rerun scores the other shards only, in full batches
     control["fail_at"] = None
     calls.clear()
     out = score_pairs(ds, clip_tiny_dir, **kwargs)
-    assert calls == [b for shard in sizes[1:] for b in shard]
+    missing = 48 - sum(end - start for start, end in done)
+    assert sum(calls) == missing and calls[:-1] == [8] * (len(calls) - 1)
     expected = reference_scores(clip_tiny, [folder / f for f in files], captions)
     np.testing.assert_allclose(scores_of(out), expected, rtol=0, atol=1e-5)
 
@@ -404,15 +404,15 @@ def test_resume_scores_only_what_was_missing(clip_tiny_dir, clip_tiny, clip_pair
 
     ids = ds["id"]
     extra_files, extra_captions = [files[0]] * 5, [f"new caption {i}" for i in range(5)]
-    grown = pair_dataset(folder, files + extra_files, captions + extra_captions)
+    grown = pair_dataset(folder, files + extra_files, captions + extra_captions, relative=True)
     calls.clear()
     score_pairs(grown, clip_tiny_dir, **kwargs)
     assert sum(calls) == rescored_rows(grown) < 48
     middle = ranges[len(ranges) // 2]
     shrunk = ds.select([i for i in range(48) if i != middle[0] + 1])
     calls.clear()
-    np.testing.assert_array_equal(scores_of(score_pairs(shrunk, clip_tiny_dir, **kwargs)),
-                                  np.delete(scores_of(out), middle[0] + 1))
+    np.testing.assert_allclose(scores_of(score_pairs(shrunk, clip_tiny_dir, **kwargs)),
+                               np.delete(scores_of(out), middle[0] + 1), rtol=0, atol=1e-5)
     assert sum(calls) == rescored_rows(shrunk) < 47  # the shards before the removed row are not rescored
 
 

@@ -719,6 +719,30 @@ def _scored_batches(view, batches, reasons, scorer, num_workers: int, prefetch_f
         del iterator  # stops the workers, also when the consumer raised
 
 
+class _ScoreStream:
+    """The scored rows of `_scored_batches`, in order, handed out in runs of any length: `take(rows)` returns the
+    scores of exactly those rows (the next ones in the stream), reading further batches as needed."""
+
+    def __init__(self, results):
+        self.results = results
+        self.indices = np.empty(0, dtype=np.int64)
+        self.scores = np.empty(0, dtype=np.float32)
+        self.errors: list = []
+
+    def take(self, rows: np.ndarray) -> dict[str, Any]:
+        while len(self.indices) < len(rows):
+            batch, result = next(self.results)
+            self.indices = np.concatenate([self.indices, batch["indices"]])
+            self.scores = np.concatenate([self.scores, result["clip_score"]])
+            self.errors += result["clip_error"]
+        n = len(rows)
+        if not np.array_equal(self.indices[:n], rows):
+            raise RuntimeError("internal error: data loader and map are out of step")
+        out = {"clip_score": self.scores[:n], "clip_error": self.errors[:n]}
+        self.indices, self.scores, self.errors = self.indices[n:], self.scores[n:], self.errors[n:]
+        return out
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # score_pairs
 # ----------------------------------------------------------------------------------------------------------------
@@ -904,12 +928,12 @@ def score_pairs(
     from tqdm.auto import tqdm
 
     bar = tqdm(total=n_mine, unit="pair", desc="CLIP scores", disable=not progress or not state.is_main_process)
-    batches = [
-        np.arange(s, min(s + batch_size, ranges[k][1]), dtype=np.int64)
-        for k in mine
-        for s in range(ranges[k][0], ranges[k][1], batch_size)
-    ]
+    # the model's batches run over this process's rows regardless of shard boundaries (full batches but the last:
+    # no short batch at every shard's end); each shard's `map` takes its rows' scores from the stream in order
+    rows = np.concatenate([np.arange(*ranges[k], dtype=np.int64) for k in mine]) if mine else np.empty(0, np.int64)
+    batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
     results = _scored_batches(view, batches, reasons, scorer, num_workers, prefetch_factor)
+    stream = _ScoreStream(results)
     texts_only = view.pairs.select_columns([view.text_column])
 
     from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
@@ -925,11 +949,8 @@ def score_pairs(
             start, end = ranges[k]
 
             def score_batch(_texts, local_indices, _start=start):
-                batch, scores = next(results)
-                expected = np.asarray(local_indices, dtype=np.int64) + _start
-                if not np.array_equal(batch["indices"], expected):
-                    raise RuntimeError("internal error: data loader and map are out of step")
-                bar.update(len(expected))
+                scores = stream.take(np.asarray(local_indices, dtype=np.int64) + _start)
+                bar.update(len(local_indices))
                 return scores
 
             texts_only.select(range(start, end)).map(
