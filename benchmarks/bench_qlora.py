@@ -284,7 +284,7 @@ def build_trainer(kind: str, recipe: str, args, device: torch.device):
         optim=optim,
         bf16=True,
         use_cpu=device.type != "cuda",
-        gradient_checkpointing=True,
+        activation_checkpointing=True,
         activation_checkpointing_kwargs={"use_reentrant": False},
         max_length=None,
         logging_steps=1,

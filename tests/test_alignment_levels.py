@@ -416,6 +416,25 @@ def test_resume_scores_only_what_was_missing(clip_tiny_dir, clip_tiny, clip_pair
     assert sum(calls) == rescored_rows(shrunk) < 47  # the shards before the removed row are not rescored
 
 
+def test_repeated_rows_share_their_cache_shard(clip_tiny_dir, clip_tiny, clip_pairs, tmp_path, count_image_calls):
+    """A corpus that repeats a block of rows gives shards with the same rows, hence the same cache file: each is
+    scored once, also for a dataset on disk (whose `map` would otherwise load the file its twin just wrote)."""
+    calls, _ = count_image_calls
+    folder, files, captions = clip_pairs(24)
+    order = list(range(12)) + list(range(12, 24)) + list(range(12)) + list(range(23, 11, -1))
+    ds = datasets.Dataset.from_dict({"images": [[files[i]] for i in order], "caption": [captions[i] for i in order]})
+    ds.save_to_disk(tmp_path / "saved")
+    ds = datasets.load_from_disk(str(tmp_path / "saved"))
+    ranges = shard_ranges_of(ds, 4)
+    rows = [tuple(order[start:end]) for start, end in ranges]
+    assert len(set(rows)) < len(rows)  # some shards repeat
+    out = score_pairs(ds, clip_tiny_dir, id_column=None, image_folder=folder, batch_size=4, shard_size=4,
+                      num_workers=0, cache_dir=tmp_path / "c", device="cpu", progress=False)
+    assert sum(calls) == sum(len(r) for r in set(rows))  # every distinct shard once
+    expected = reference_scores(clip_tiny, [folder / files[i] for i in order], [captions[i] for i in order])
+    np.testing.assert_allclose(scores_of(out), expected, rtol=0, atol=1e-5)
+
+
 def write_bad_data(folder, files, captions):
     """Corrupt a copy of the pairs: 1 missing file, 1 undecodable file, 1 empty caption, 1 duplicate id, 1 row
     without image. Returns the dataset, the bad ids with their reason kinds, and the good rows."""

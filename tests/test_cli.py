@@ -147,7 +147,8 @@ def test_chat_session_keeps_the_conversation(model, processor, images):
 def test_chat_reads_questions_from_stdin(checkpoint, model, processor, images):
     image = checkpoint.parent / "image.png"
     result = run_cli("chat", "--model", str(checkpoint), "--image", str(image), "--max-new-tokens", "6",
-                     "--show-gate", stdin="What is shown?\n\n/reset\n/imgae x.png\nWhat is shown?\n/image /nope.png\n/quit\nignored\n")
+                     "--show-gate", stdin="What is shown?\n\n/reset please\n/imgae x.png\nwhat is <align>?\nWhat is shown?\n"
+                     "/image /nope.png\n/quit now\nignored\n")
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     from PIL import Image
@@ -159,6 +160,7 @@ def test_chat_reads_questions_from_stdin(checkpoint, model, processor, images):
     assert "(conversation cleared)" in lines
     assert "error: image /nope.png: no such file" in lines
     assert any(line.startswith("error: unknown command /imgae") for line in lines)  # a typo is not a question
+    assert any(line.startswith("error: Text 0 holds '<align>'") for line in lines)  # the session goes on
     assert "USER: ignored" not in lines  # /quit ends the session
 
 

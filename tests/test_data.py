@@ -223,6 +223,13 @@ def test_source_writes_the_files_own_records(tmp_path):
         write_llava_json(kept, tmp_path / "wrong.json", source=other)
     with pytest.raises(ValueError, match="record_index"):
         write_llava_json(kept.remove_columns("record_index"), tmp_path / "x.json", source=source)
+    # a file that already has levels and scores (an earlier run's output): the row's values replace them, and a row
+    # without a level or score gets neither, as without `source`: no stale score beside a new level
+    scored = write(tmp_path / "scored.json", [dict(r, similarity=7, clip_score=0.9) for r in odd])
+    ds = load_llava_json(scored, tmp_path).select([0, 1]).remove_columns("alignment_level")
+    write_llava_json(ds.add_column("alignment_level", [2, None]), tmp_path / "again.json", source=scored)
+    without_level = {k: v for k, v in odd[1].items() if k != "similarity"}
+    assert json.loads((tmp_path / "again.json").read_text()) == [dict(odd[0], similarity=2), without_level]
 
 
 def test_reader_accepts_bom_and_json_lines_and_explains_a_wrapped_list(tmp_path):

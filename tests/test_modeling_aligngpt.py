@@ -300,6 +300,10 @@ def test_torch_compile_fullgraph(model, processor, images):
         expected = model(**inputs).logits
         compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
         torch.testing.assert_close(compiled(**inputs).logits, expected, atol=1e-5, rtol=1e-4)
+        # from inputs_embeds too (the placeholders are found by comparing embeddings, without a host sync)
+        embeds = model.get_input_embeddings()(inputs["input_ids"])
+        rest = {k: v for k, v in inputs.items() if k != "input_ids"}
+        torch.testing.assert_close(compiled(inputs_embeds=embeds, **rest).logits, expected, atol=1e-5, rtol=1e-4)
 
 
 # ---- bad input -------------------------------------------------------------------------------------------------

@@ -198,6 +198,15 @@ def test_phase1_rejects_bad_data_before_training(config, processor, pretraining_
                                            with_indices=True)
     with pytest.raises(ValueError, match=r"0\.\.7.*row 5 has 9"):
         AlignGPTPretrainer(new_model(config), args, train_dataset=out_of_range, processing_class=processor)
+    # rows that are not image-caption pairs (a LLaVA file may hold them): refused before training, not mid-run
+    two_images = pretraining_dataset.map(lambda row, i: {"images": row["images"] * (2 if i == 3 else 1)},
+                                         with_indices=True)
+    with pytest.raises(ValueError, match=r"1 pre-training rows do not hold exactly one image \(row 3 has 2\)"):
+        AlignGPTPretrainer(new_model(config), args, train_dataset=two_images, processing_class=processor)
+    no_caption = pretraining_dataset.map(lambda row, i: {"caption": None if i == 6 else row["caption"]},
+                                         with_indices=True)
+    with pytest.raises(ValueError, match=r"1 pre-training rows have no caption \(the first is row 6"):
+        AlignGPTPretrainer(new_model(config), args, train_dataset=no_caption, processing_class=processor)
     with pytest.raises(ValueError, match="cut the image tokens"):
         AlignGPTPretrainer(
             new_model(config), pretraining_args(tmp_path, max_length=12), train_dataset=pretraining_dataset,

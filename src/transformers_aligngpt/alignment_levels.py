@@ -176,10 +176,11 @@ class BadRowsReport:
 
 
 class BadRowsError(ValueError):
-    """Raised by `score_pairs(on_bad="error")`; `.report` holds the bad rows."""
+    """Raised by `score_pairs(on_bad="error")`; `.report` holds the bad rows, `.after_scoring` says whether every
+    other pair was scored (and cached) first."""
 
-    def __init__(self, report: BadRowsReport, when: str = ""):
-        self.report = report
+    def __init__(self, report: BadRowsReport, when: str = "", after_scoring: bool = False):
+        self.report, self.after_scoring = report, after_scoring
         super().__init__(f"{report.summary()}{when} (use on_bad='skip' to drop them)")
 
 
@@ -904,7 +905,13 @@ def score_pairs(
         )
         keys.append(key)
         files.append(os.path.join(cache_dir, f"clip-scores-{key}.arrow"))
-    pending = [k for k, f in enumerate(files) if overwrite_cache or not os.path.exists(f)]
+    # shards with the same rows (repeated blocks of a corpus) share one cache file: scored once, read by each
+    first_of_key = {}
+    for k, key in enumerate(keys):
+        first_of_key.setdefault(key, k)
+    pending = [
+        k for k, f in enumerate(files) if first_of_key[keys[k]] == k and (overwrite_cache or not os.path.exists(f))
+    ]
     state.wait_for_everyone()  # every process has seen the same cache state before anything is written
     with state.split_between_processes(pending) as mine:
         mine = list(mine)
@@ -987,8 +994,10 @@ def score_pairs(
         pc.or_(pc.starts_with(error_column, _FILE_NOT_FOUND), pc.starts_with(error_column, _UNDECODABLE)), False
     ).to_numpy()
     from_earlier_run = np.ones(n, dtype=bool)
-    for k in pending:
-        from_earlier_run[ranges[k][0] : ranges[k][1]] = False
+    scored_now = {keys[k] for k in pending}
+    for k, key in enumerate(keys):
+        if key in scored_now:
+            from_earlier_run[ranges[k][0] : ranges[k][1]] = False
     retry = np.flatnonzero(failed_image & from_earlier_run)
     if retry.size:
         logger.info("trying again %d images that failed in an earlier run", retry.size)
@@ -1001,7 +1010,7 @@ def score_pairs(
     if len(report):
         (logger.warning if state.is_main_process else logger.debug)("CLIP scoring: %s", report.summary())
     if on_bad == "error" and len(report):
-        raise BadRowsError(report, " (all other pairs are scored and cached)")
+        raise BadRowsError(report, " (all other pairs are scored and cached)", after_scoring=True)
 
     out = dataset.remove_columns(score_column) if score_column in dataset.column_names else dataset
     out = out.add_column(score_column, scores, feature=Value("float32"))
@@ -1108,10 +1117,9 @@ def run_levels(args: argparse.Namespace) -> int:
             return_report=True,
         )
     except BadRowsError as error:
-        hint = (
-            "; `--on-bad skip` reruns from the cache and leaves them out, and fixing or removing them from the file "
-            "rescores only their shards"
-        )
+        hint = "; fix the files or remove those rows, or pass `--on-bad skip` to leave them out"
+        if error.after_scoring:
+            hint += " (either way the next run reads the other pairs' scores from the cache)"
         return fail(f"{error}{hint}", error.report)
     if len(scored) < args.num_levels:
         return fail(

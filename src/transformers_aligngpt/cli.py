@@ -40,10 +40,14 @@ def looks_like_path(value: str) -> bool:
     return value.startswith((".", "/", "~")) or value.count("/") > 1
 
 
-def check_model_source(flag: str, value: str | None) -> None:
-    """A `--model`-like value that is clearly a local path must exist (a Hub id is checked when it is loaded)."""
-    if value and looks_like_path(value) and not os.path.exists(os.path.expanduser(value)):
-        raise CommandError(f"{flag} {value}: no such folder (and not a Hub id)")
+def check_model_source(flag: str, value: str | None) -> str | None:
+    """A `--model`-like value that is clearly a local path must exist (a Hub id is checked when it is loaded);
+    returns it with `~` expanded, as the loaders need it."""
+    if value and looks_like_path(value):
+        value = os.path.expanduser(value)
+        if not os.path.exists(value):
+            raise CommandError(f"{flag} {value}: no such folder (and not a Hub id)")
+    return value
 
 
 @contextlib.contextmanager
@@ -89,7 +93,7 @@ def add_chat_subparser(subparsers) -> argparse.ArgumentParser:
 def run_chat(args: argparse.Namespace) -> int:
     if args.image and not os.path.isfile(args.image):
         raise CommandError(f"--image {args.image}: no such file")
-    check_model_source("--model", args.model)
+    args.model = check_model_source("--model", args.model)
     session = ChatSession.load(
         args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
         system_prompt=args.system,
@@ -186,29 +190,33 @@ class ChatSession:
                 continue
             if not interactive:
                 print(f"USER: {line}", file=stdout)
-            if line in ("/quit", "/exit"):
+            word = line.split(maxsplit=1)[0]
+            if word in ("/quit", "/exit"):
                 break
-            if line == "/reset":
+            if word == "/reset":
                 self.reset()
                 print("(conversation cleared)", file=stdout)
                 continue
-            if line == "/gate":
+            if word == "/gate":
                 show_gate = not show_gate
                 print(f"(gate weights {'on' if show_gate else 'off'})", file=stdout)
                 continue
-            if line.split(maxsplit=1)[0] == "/image":
+            if word == "/image":
                 try:
                     self.set_image(line[len("/image"):].strip())
                     print("(new image; conversation cleared)", file=stdout)
                 except CommandError as error:
                     print(f"error: {error}", file=stdout)
                 continue
-            word = line.split(maxsplit=1)[0]
             if word.startswith("/") and word[1:].isalpha():
                 # a mistyped command (`/imgae x.png`) would otherwise go to the model as a question
                 print(f"error: unknown command {word} (commands: /image FILE, /reset, /gate, /quit)", file=stdout)
                 continue
-            answer, weights = self.ask(line, show_gate=show_gate, **generation)
+            try:
+                answer, weights = self.ask(line, show_gate=show_gate, **generation)
+            except ValueError as error:  # e.g. a question that holds the reserved <align> token
+                print(f"error: {error}", file=stdout)
+                continue
             print(f"ASSISTANT: {answer}", file=stdout, flush=True)
             if show_gate:
                 if weights is None:

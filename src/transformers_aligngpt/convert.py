@@ -836,8 +836,9 @@ def run_convert(args: argparse.Namespace):
     from .cli import CommandError, check_model_source
 
     for flag in ("--language-model", "--vision-tower"):
+        name = flag[2:].replace("-", "_")
         try:
-            check_model_source(flag, getattr(args, flag[2:].replace("-", "_")))
+            setattr(args, name, check_model_source(flag, getattr(args, name)))
         except CommandError as error:
             raise SystemExit(f"convert: {error}") from None
     if bool(args.checkpoint) == bool(args.pretrain_artefact):

@@ -339,6 +339,10 @@ def _source_records(
                     f"row with id {batch['id'][j]!r} maps to record {index} of {source}, whose id is "
                     f"{record.get('id')!r}: `source` must be the file the dataset was read from"
                 )
+            # the file's own `similarity` / `clip_score` are replaced, or removed where the row has none (a stale
+            # score beside a new level would read back as this level's score)
+            record.pop("similarity", None)
+            record.pop("clip_score", None)
             if level_column in batch and batch[level_column][j] is not None:
                 record["similarity"] = int(batch[level_column][j])
             if score_column in batch:
@@ -362,8 +366,9 @@ def write_llava_json(
     """Write a dataset back in the LLaVA / AlignGPT layout; returns the number of records written.
 
     With `source`, the LLaVA file the dataset was read with `load_llava_json`: each row's own record of that file
-    (found by `record_index`, checked by `id`), unchanged but for `similarity` (and `clip_score`), in the dataset's
-    row order: rows filtered out (e.g. skipped by `score_pairs`) are left out.
+    (found by `record_index`, checked by `id`), unchanged but for `similarity` and `clip_score`, which are the row's
+    (left out where the row has none, as without `source`), in the dataset's row order: rows filtered out (e.g.
+    skipped by `score_pairs`) are left out.
 
     Without it, each row is rebuilt as `{"id", "image", "conversations", "similarity"}`: `image` from `image_file`
     (or from `images`, made relative to `image_folder` when given), omitted for text-only rows; `conversations` from

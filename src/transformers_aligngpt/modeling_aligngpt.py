@@ -219,11 +219,15 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
             [self.config.image_token_id, self.config.alignment_token_id], device=inputs_embeds.device
         )
         placeholder_embeds = self.get_input_embeddings()(ids)
-        if torch.equal(placeholder_embeds[0], placeholder_embeds[1]):
-            raise ValueError(
-                "The <image> and <align> rows of the input embeddings are identical, so the placeholders cannot be "
-                "told apart in inputs_embeds: pass input_ids instead, or give the two rows distinct values."
-            )
+        distinct = (placeholder_embeds[0] != placeholder_embeds[1]).any()
+        message = (
+            "The <image> and <align> rows of the input embeddings are identical, so the placeholders cannot be told "
+            "apart in inputs_embeds: pass input_ids instead, or give the two rows distinct values."
+        )
+        if is_tracing():
+            torch_compilable_check(distinct, message)
+        elif not distinct:
+            raise ValueError(message)
         image_mask = (inputs_embeds == placeholder_embeds[0]).all(-1)
         align_mask = (inputs_embeds == placeholder_embeds[1]).all(-1)
         return image_mask, align_mask

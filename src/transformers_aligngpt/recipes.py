@@ -160,7 +160,8 @@ def _check_model_flags(args) -> None:
     if bool(args.language_model) != bool(args.vision_tower):
         raise CommandError("--language-model and --vision-tower go together (a new AlignGPT needs both)")
     for flag in ("--model", "--language-model", "--vision-tower"):
-        check_model_source(flag, getattr(args, flag[2:].replace("-", "_")))
+        name = flag[2:].replace("-", "_")
+        setattr(args, name, check_model_source(flag, getattr(args, name)))
 
 
 def _check_data_flags(args) -> None:

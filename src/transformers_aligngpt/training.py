@@ -353,6 +353,24 @@ def validate_pretraining_dataset(dataset, num_alignment_levels: int, level_colum
                 f"{level_column} must lie in 0..{num_alignment_levels - 1} (the model has {num_alignment_levels} "
                 f"alignment levels); row {bad} has {values[bad]} (range found: {low}..{high})."
             )
+    # every row an image-caption pair: one image, a caption (records of other kinds read fine from a LLaVA file)
+    names = set(dataset.column_names)
+    if "images" in names or "image" in names:
+        counts = [n for batch in _images_per_row(dataset, 10_000) for n in batch]
+        wrong = [i for i, n in enumerate(counts) if n != 1]
+        if wrong:
+            raise ValueError(
+                f"{len(wrong)} pre-training rows do not hold exactly one image (row {wrong[0]} has "
+                f"{counts[wrong[0]]}): phase 1 trains on image-caption pairs. Drop those rows (dataset.filter)."
+            )
+    if "caption" in names:
+        caption = dataset.select_columns(["caption"]).with_format("arrow")["caption"]
+        empty = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(caption), ""), True).to_numpy(zero_copy_only=False)
+        if empty.any():
+            raise ValueError(
+                f"{int(empty.sum())} pre-training rows have no caption (the first is row {int(empty.argmax())}; a "
+                "LLaVA record that is not one human/gpt turn has none): drop those rows (dataset.filter)."
+            )
 
 
 def _images_per_row(dataset, batch_size: int) -> Iterator[list[int]]:
