@@ -248,10 +248,11 @@ def test_compiled_tower_pads_short_batches_instead_of_recompiling(
     folder, files, captions = clip_pairs(37)
     compile_ = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, backend="eager"))
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
     torch._dynamo.reset()
     try:
-        out = score_in_batches_of_8(pair_dataset(folder, files, captions), clip_tiny_dir, tmp_path, compile=True)
+        # (torch's own patch: pytest's monkeypatch deletes a dynamo config entry on undo instead of restoring it)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            out = score_in_batches_of_8(pair_dataset(folder, files, captions), clip_tiny_dir, tmp_path, compile=True)
     finally:
         torch._dynamo.reset()
     expected = reference_scores(clip_tiny, [folder / f for f in files], captions)
