@@ -176,6 +176,9 @@ def fixture_images(original_fixture_dir, original_reference):
 def test_converted_folder(converted_original_dir, converted):
     model, processor = converted
     files = {p.name for p in converted_original_dir.iterdir()}
+    # the card facts `aligngpt push --model FOLDER` will use: where the weights come from
+    card_info = json.loads((converted_original_dir / "aligngpt_card_info.json").read_text())
+    assert card_info["summary"].startswith("Converted from the original AlignGPT release format (`checkpoint`)")
     assert "model.safetensors" in files and not any(f.endswith(".bin") for f in files)
     assert {"config.json", "generation_config.json", "processor_config.json", "tokenizer.json"} <= files
     config = model.config
@@ -672,6 +675,32 @@ def test_vision_tower_defaults_to_the_config(original_fixture_dir):
     """Without --vision-tower the config's `mm_vision_tower` is used (relative paths: from the checkpoint)."""
     model, _ = convert_checkpoint(original_fixture_dir / "checkpoint", dtype="float32")
     assert model.config.vision_config.image_size == 48
+
+
+def test_push_to_hub_uploads_the_aligngpt_card(original_fixture_dir, monkeypatch):
+    """`convert --push-to-hub` goes through `aligngpt push`'s staging: one commit with model, processor, remote code
+    and the AlignGPT card saying where the weights come from (not transformers' placeholder card)."""
+    import huggingface_hub
+
+    uploads = []
+
+    class RecordingApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, private=None, exist_ok=False):
+            uploads.append(("create", repo_id))
+
+        def upload_folder(self, repo_id, folder_path, **kwargs):
+            files = {p.name for p in Path(folder_path).iterdir()}
+            uploads.append(("upload", repo_id, files, (Path(folder_path) / "README.md").read_text()))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", RecordingApi)
+    convert_checkpoint(original_fixture_dir / "checkpoint", dtype="float32", push_to_hub="you/aligngpt-conv")
+    (_, repo), (_, repo_again, files, card) = uploads
+    assert repo == repo_again == "you/aligngpt-conv"
+    assert {"model.safetensors", "processor_config.json", "modeling_aligngpt.py", "README.md"} <= files
+    assert "Converted from the original AlignGPT release format" in card and "More Information Needed" not in card
 
 
 def test_convert_original_sequence():

@@ -77,7 +77,8 @@ def test_card_without_facts_says_so(config):
 
 
 def test_eval_results_formats():
-    lmms = {"results": {"pope": {"alias": "pope", "pope_accuracy,none": 0.85, "pope_accuracy_stderr,none": 0.01},
+    lmms = {"results": {"pope": {"alias": "pope", "pope_accuracy,none": 0.85, "pope_accuracy_stderr,none": 0.01,
+                                 "pope_accuracy_stderr_clt,none": 0.03},
                         "mme": {"mme_perception_score,none": 1400.5}}}
     assert normalize_eval_results(lmms) == [
         {"task": "pope", "metric": "pope_accuracy", "value": 0.85},
@@ -90,6 +91,32 @@ def test_eval_results_formats():
         normalize_eval_results([{"task": "x"}])
 
 
+def test_card_numbers_and_snippet_survive_awkward_values(config):
+    """Scores keep their integer digits (MME 1527.4), learning rates stay readable, and an example question with
+    quotes and a newline (LLaVA's "\nAnswer the question using a single word or phrase.") leaves the usage snippet
+    valid Python."""
+    question = 'Is the "red" shape a square?\nAnswer the question using a single word or phrase.'
+    card = str(build_model_card(config, "someone/x", example_question=question, eval_results={
+        "mme": {"mme_perception_score,none": 1527.4, "mme_cognition_score,none": 355.71},
+        "big": {"total": 12345.678}}, training={"phase": {"learning rate": 2e-5}}))
+    text = ModelCard(card).text
+    assert "| mme | mme_perception_score | 1527.4 |" in text and "| mme | mme_cognition_score | 355.71 |" in text
+    assert "| big | total | 12345.678 |" in text and "| learning rate | 2e-05 |" in text
+    snippet = usage_snippet(text)
+    compile(snippet, "snippet", "exec")
+    assert repr(question) in snippet
+
+
+def test_push_by_hub_id_does_not_read_the_id_as_a_card_file(tmp_path, monkeypatch):
+    """`aligngpt push --model user/name`: the card facts come from the repo (none here: offline), and the failure
+    is the model's, named as such, not a FileNotFoundError for 'user/name'."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ValueError, match="cannot load the processor from someuser/aligngpt-7b"):
+        prepare_push_folder("someuser/aligngpt-7b", tmp_path / "stage", "you/x")
+
+
 def test_prepare_push_folder_reads_card_info_and_flags_override(model, processor, tmp_path):
     ckpt = tmp_path / "ckpt"
     model.save_pretrained(ckpt)
@@ -99,7 +126,10 @@ def test_prepare_push_folder_reads_card_info_and_flags_override(model, processor
     data = ModelCard.load(folder / "README.md").data.to_dict()
     assert data["license"] == "cc-by-4.0"  # the keyword wins over the file
     assert data["base_model"] == CARD_FACTS["base_models"]
-    assert json.loads((folder / CARD_INFO_FILENAME).read_text())["license"] == "cc-by-4.0"
+    saved = json.loads((folder / CARD_INFO_FILENAME).read_text())
+    assert saved["license"] == "cc-by-4.0"
+    # results are kept as their normalised rows (an lmms-eval results file also holds local paths and settings)
+    assert saved["eval_results"] == normalize_eval_results(CARD_FACTS["eval_results"])
     with pytest.raises(TypeError, match="unexpected card arguments"):
         prepare_push_folder(model, tmp_path / "bad", "someone/x", processor=processor, licence="mit")
 

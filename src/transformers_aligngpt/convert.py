@@ -516,7 +516,15 @@ def build_generation_config(checkpoint: str | None, tokenizer, text_config):
     return GenerationConfig(**settings)
 
 
-def _finish(model, tokenizer, image_processor, generation_config, output_dir, push_to_hub, private, max_shard_size):
+def _hub_ids(*names) -> list[str]:
+    """The names that are Hub ids (not local folders): the card's `base_model` metadata."""
+    return [str(n) for n in names if n and not os.path.isdir(str(n))]
+
+
+def _finish(model, tokenizer, image_processor, generation_config, output_dir, push_to_hub, private, max_shard_size,
+            card_info):
+    from .hub import CARD_INFO_FILENAME
+    from .hub import push_to_hub as push_with_card
     from .processing_aligngpt import AlignGPTProcessor
 
     # the model's LM vocabulary covers the tokenizer (placeholder ids included)
@@ -529,10 +537,14 @@ def _finish(model, tokenizer, image_processor, generation_config, output_dir, pu
     if output_dir is not None:
         model.save_pretrained(output_dir, max_shard_size=max_shard_size)
         processor.save_pretrained(output_dir)
+        # what the card says about this checkpoint, for `aligngpt push --model OUTPUT` later
+        with open(os.path.join(output_dir, CARD_INFO_FILENAME), "w", encoding="utf-8") as f:
+            json.dump(card_info, f, indent=2)
         logger.info("Saved the converted model and processor to %s", output_dir)
     if push_to_hub:
-        model.push_to_hub(push_to_hub, private=private, max_shard_size=max_shard_size)
-        processor.push_to_hub(push_to_hub, private=private)
+        # as `aligngpt push` does: model, processor, remote code and the AlignGPT model card, in one commit
+        push_with_card(model, push_to_hub, processor=processor, private=private, max_shard_size=max_shard_size,
+                       card_info=card_info, commit_message="Upload AlignGPT converted from the original release")
         logger.info("Pushed the converted model and processor to %s", push_to_hub)
     return model, processor
 
@@ -618,8 +630,15 @@ def convert_checkpoint(
 
     image_processor = build_image_processor(vision_tower, original_config.get("image_aspect_ratio") == "pad")
     generation_config = build_generation_config(str(checkpoint), tokenizer, text_config)
+    source = os.path.basename(os.path.normpath(checkpoint))
+    card_info = {
+        "summary": f"Converted from the original AlignGPT release format (`{source}`) with `aligngpt convert` from "
+        "transformers-aligngpt: every weight is the original's; the vocabulary gains the `<image>` and `<align>` "
+        "placeholders.",
+        "base_models": _hub_ids(vision_tower),
+    }
     return _finish(model, tokenizer, image_processor, generation_config, output_dir, push_to_hub, private,
-                   max_shard_size)
+                   max_shard_size, card_info)
 
 
 def _check_gate_width(config, state_dict):
@@ -732,8 +751,14 @@ def convert_pretrain_artefact(
     image_processor = build_image_processor(vision_tower, image_aspect_ratio == "pad")
     generation_config = build_generation_config(language_model if os.path.isdir(language_model) else None,
                                                 tokenizer, text_config)
+    card_info = {
+        "summary": "Built by `aligngpt convert` from an original AlignGPT phase-1 artefact (projector and alignment "
+        "embeddings) with its language model and vision tower. **The alignment gate is freshly initialised** (phase "
+        "1 has none): instruction-tune this checkpoint (phase 2) before using it.",
+        "base_models": _hub_ids(language_model, vision_tower),
+    }
     return _finish(model, tokenizer, image_processor, generation_config, output_dir, push_to_hub, private,
-                   max_shard_size)
+                   max_shard_size, card_info)
 
 
 def fresh_gate_state_dict(config, seed: int | None = 0) -> dict[str, torch.Tensor]:

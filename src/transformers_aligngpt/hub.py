@@ -56,7 +56,10 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         if math.isnan(value):
             return "n/a"
-        return f"{value:.4g}"
+        if abs(value) < 1e-3 and value != 0:  # learning rates and the like: 2e-05
+            return f"{value:.4g}"
+        # at most 4 decimals, every integer digit kept (an MME score of 1527.4 stays 1527.4, not 1527)
+        return f"{value:.4f}".rstrip("0").rstrip(".")
     if isinstance(value, (list, tuple)):
         return ", ".join(_fmt(v) for v in value)
     if value is None:
@@ -151,7 +154,8 @@ def normalize_eval_results(results: Any) -> list[dict[str, Any]]:
                 raise TypeError(f"evaluation results for {task!r} must be a number or a mapping, got {metrics!r}")
             for metric, value in metrics.items():
                 name = metric.split(",")[0]
-                if name.endswith("_stderr") or isinstance(value, bool) or not isinstance(value, (int, float)):
+                # lmms-eval writes `<metric>_stderr` and `<metric>_stderr_clt` (standard errors, not metrics)
+                if "_stderr" in name or isinstance(value, bool) or not isinstance(value, (int, float)):
                     continue
                 rows.append({"task": task, "metric": name, "value": float(value)})
     else:
@@ -230,7 +234,8 @@ def build_model_card(
         model_name=model_name,
         summary=summary,
         num_levels=config.num_alignment_levels,
-        example_question=example_question,
+        # a Python literal: questions hold quotes and newlines (LLaVA's "\nAnswer the question using ...")
+        example_question_literal=repr(example_question),
         example_image=example_image,
         architecture_table=markdown_table(architecture_rows(config, num_parameters), ["part", "value"]),
         training_section=training_section(training),
@@ -260,6 +265,19 @@ def load_card_info(source: str | Path | Mapping[str, Any] | None) -> dict[str, A
     return info
 
 
+def _checkpoint_card_info(model) -> str | None:
+    """Where the card facts of a checkpoint given by name are: its folder, or the file in its Hub repo (None when
+    the repo has none or cannot be reached: the card is then built from the config and the arguments)."""
+    if Path(model).is_dir():
+        return str(model)
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return hf_hub_download(str(model), CARD_INFO_FILENAME)
+    except Exception:  # noqa: BLE001  (no such file or repo, offline, no access: all mean "no recorded facts")
+        return None
+
+
 def _load_model_and_processor(model, processor):
     if isinstance(model, (str, Path)):
         from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -268,7 +286,13 @@ def _load_model_and_processor(model, processor):
 
         path = str(model)
         if processor is None:
-            processor = AutoProcessor.from_pretrained(path)
+            try:
+                processor = AutoProcessor.from_pretrained(path)
+            except OSError as error:
+                raise ValueError(
+                    f"cannot load the processor from {path} ({error}): save the processor next to the model, or "
+                    "pass it (processor=...)"
+                ) from error
         model = AutoModelForImageTextToText.from_pretrained(path, dtype="auto")
     if processor is None:
         raise ValueError("pass the processor (or a checkpoint folder that holds one): the repo needs it to load")
@@ -295,8 +319,10 @@ def prepare_push_folder(
             `aligngpt_card_info.json` when `model` is a folder. `card_kwargs` override single facts.
     """
     if card_info is None and isinstance(model, (str, Path)):
-        card_info = model
+        card_info = _checkpoint_card_info(model)
     info = {**load_card_info(card_info), **{k: v for k, v in card_kwargs.items() if v is not None}}
+    if info.get("eval_results") is not None:  # the normalised rows only (a results file also holds local paths)
+        info["eval_results"] = normalize_eval_results(info["eval_results"])
     unknown = set(info) - set(CARD_INFO_KEYS)
     if unknown:
         raise TypeError(f"unexpected card arguments {sorted(unknown)}; known: {', '.join(CARD_INFO_KEYS)}")
@@ -333,6 +359,7 @@ def push_to_hub(
     commit_message: str = "Upload AlignGPT model, processor, remote code and model card",
     staging_dir: str | Path | None = None,
     card_info: str | Path | Mapping[str, Any] | None = None,
+    max_shard_size: str | int = "5GB",
     **card_kwargs,
 ):
     """Stages the checkpoint with `prepare_push_folder` and uploads it with `huggingface_hub` (one commit).
@@ -345,7 +372,8 @@ def push_to_hub(
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory(prefix="aligngpt-push-") as tmp:
         folder = prepare_push_folder(
-            model, staging_dir or tmp, repo_id, processor=processor, card_info=card_info, **card_kwargs
+            model, staging_dir or tmp, repo_id, processor=processor, card_info=card_info,
+            max_shard_size=max_shard_size, **card_kwargs,
         )
         api.create_repo(repo_id, private=private, exist_ok=True)
         return api.upload_folder(
