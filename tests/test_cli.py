@@ -1,5 +1,6 @@
 """The `aligngpt` command line: help for every subcommand, clear errors, chat over stdin, push --dry-run."""
 
+import json
 import os
 import subprocess
 import sys
@@ -308,3 +309,25 @@ def test_pretrain_then_sft_end_to_end_with_python_m(tmp_path, images):
     tuned = load_checkpoint(tmp_path / "phase2b")[0].state_dict()
     assert torch.equal(tuned["model.alignment_embeddings.weight"], trained["model.alignment_embeddings.weight"])
     assert changed(trained, tuned, "model.alignment_gate.")
+    # each run records its setup for the model card, after the base checkpoint's (phase 1, then phase 2)
+    info = json.loads((tmp_path / "phase2b" / "aligngpt_card_info.json").read_text())
+    assert list(info["training"]) == ["phase 1 (pre-training)", "phase 2 (instruction tuning)"]
+    assert info["training"]["phase 1 (pre-training)"]["optimizer steps"] == 2
+    assert info["training"]["phase 2 (instruction tuning)"]["trained"] == "full (LLM, gate, projector)"
+    card = (tmp_path / "stage" / "README.md")
+    assert run_module("push", "--model", "phase2b", "--repo-id", "you/x", "--dry-run", "--staging-dir", "stage",
+                      cwd=tmp_path).returncode == 0
+    assert "No training information was recorded" not in card.read_text()
+    assert "phase 2 (instruction tuning)" in card.read_text()
+
+    # QLoRA on the tiny model with the phase-1 artefact: an adapter saves only what it trains, so the artefact's
+    # (frozen) alignment embeddings must be in the base it points to, and in the merged model
+    result = run_module("sft", "--max-steps", "2", "--pretrain-artifact", "phase1", "--use-peft", "--load-in-4bit",
+                        "--merge", "--lora-r", "4", "--output", "phase2q", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    adapter = json.loads((tmp_path / "phase2q" / "adapter_config.json").read_text())
+    assert Path(adapter["base_model_name_or_path"]).resolve() == (tmp_path / "phase2q" / "base-model").resolve()
+    table = trained["model.alignment_embeddings.weight"]
+    for folder in ("phase2q/base-model", "phase2q/merged"):
+        weights = load_checkpoint(tmp_path / folder)[0].state_dict()["model.alignment_embeddings.weight"]
+        torch.testing.assert_close(weights, table.to(weights.dtype), rtol=0, atol=0)

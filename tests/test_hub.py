@@ -117,6 +117,15 @@ def test_push_by_hub_id_does_not_read_the_id_as_a_card_file(tmp_path, monkeypatc
         prepare_push_folder("someuser/aligngpt-7b", tmp_path / "stage", "you/x")
 
 
+def test_an_adapter_folder_is_refused_before_anything_is_staged(tmp_path):
+    adapter = tmp_path / "sft-lora"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    with pytest.raises(ValueError, match="is a LoRA adapter, not a whole model: push the merged model"):
+        prepare_push_folder(adapter, tmp_path / "stage", "you/x")
+    assert not (tmp_path / "stage").exists()
+
+
 def test_prepare_push_folder_reads_card_info_and_flags_override(model, processor, tmp_path):
     ckpt = tmp_path / "ckpt"
     model.save_pretrained(ckpt)

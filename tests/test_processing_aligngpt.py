@@ -21,6 +21,16 @@ def test_vicuna_v1_template_renders_the_original_strings(processor):
     )
     custom_system = [{"role": "system", "content": "Be brief."}] + chat("Hi?", with_image=False)
     assert processor.apply_chat_template(custom_system, add_generation_prompt=True) == "Be brief. USER: Hi? ASSISTANT:"
+    # a turn written "Q\n<image>" (as in part of LLaVA-665K) is trained as LLaVA does: the one image first
+    image_last = [{"role": "user", "content": [{"type": "text", "text": "What is shown in the image?"},
+                                              {"type": "image"}]}]
+    assert processor.apply_chat_template(image_last, add_generation_prompt=True) == prompt
+    # several images stay where they are: their order is the order of the pixel values
+    two = [{"role": "user", "content": [{"type": "text", "text": "Left:"}, {"type": "image"},
+                                        {"type": "text", "text": "right:"}, {"type": "image"}]}]
+    assert processor.apply_chat_template(two, add_generation_prompt=True).endswith(
+        "USER: Left:<image>\nright:<image>\n ASSISTANT:"
+    )
 
 
 def test_alignment_token_after_bos_only_for_image_rows_and_image_expansion(processor, config, images):

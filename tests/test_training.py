@@ -207,6 +207,12 @@ def test_phase1_rejects_bad_data_before_training(config, processor, pretraining_
                                          with_indices=True)
     with pytest.raises(ValueError, match=r"1 pre-training rows have no caption \(the first is row 6"):
         AlignGPTPretrainer(new_model(config), args, train_dataset=no_caption, processing_class=processor)
+    from datasets import Dataset
+
+    missing_files = Dataset.from_dict({"images": [[f"imgs/{i}.png"] for i in range(8)], "caption": ["a box"] * 8,
+                                       "alignment_level": list(range(8))})
+    with pytest.raises(ValueError, match=r"8 image files do not exist \(row 0: imgs/0\.png"):
+        AlignGPTPretrainer(new_model(config), args, train_dataset=missing_files, processing_class=processor)
     with pytest.raises(ValueError, match="cut the image tokens"):
         AlignGPTPretrainer(
             new_model(config), pretraining_args(tmp_path, max_length=12), train_dataset=pretraining_dataset,
@@ -487,6 +493,41 @@ def test_phase2_rejects_unworkable_options_before_training(config, processor, in
     trainer = make_sft_trainer(new_model(config), processor, instruction_dataset,
                                args=sft_args(tmp_path, max_length=80, max_steps=1))
     assert trainer.data_collator.max_length == 80
+
+
+def test_missing_image_files_and_placeholder_mismatch_stop_before_training(config, processor, images, tmp_path):
+    """Both used to stop a run mid-way inside the data pipeline (transformers' "Incorrect image source", TRL's
+    placeholder count), without the row."""
+    from transformers_aligngpt.data import load_llava_json
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    images[0].save(folder / "a.png")
+
+    def records(*changes):
+        base = [{"id": str(i), "image": "a.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": "A square."}]}
+            for i in range(4)]
+        for i, change in changes:
+            base[i] = {**base[i], **change}
+            if change.get("image") is None and "image" in change:
+                del base[i]["image"]
+        path = tmp_path / f"data{len(list(tmp_path.glob('data*.json')))}.json"
+        path.write_text(json.dumps(base))
+        return path
+
+    def build(data, image_folder=folder):
+        dataset = load_llava_json(data, image_folder).select_columns(["images", "messages"])
+        return make_sft_trainer(new_model(config), processor, dataset, args=sft_args(tmp_path, max_steps=1))
+
+    assert build(records()).train_dataset is not None  # the clean file passes
+    with pytest.raises(ValueError, match=r"1 image files do not exist \(row 2: .*gone\.png\).*image folder"):
+        build(records((2, {"image": "gone.png"})))
+    with pytest.raises(ValueError, match=r"4 image files do not exist"):
+        build(records(), image_folder=None)  # relative paths without the folder
+    text_only_with_placeholder = {"image": None}  # keeps "<image>" in its text
+    with pytest.raises(ValueError, match=r"1 rows have a different number .*row 3: 0 images, 1 image placeholders"):
+        build(records((3, text_only_with_placeholder)))
 
 
 def test_quantised_module_in_modules_to_save_is_refused(tiny_checkpoint, processor, instruction_dataset, tmp_path):

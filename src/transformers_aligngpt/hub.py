@@ -318,6 +318,11 @@ def prepare_push_folder(
         card_info: facts for the card (see the module docstring); by default the checkpoint folder's
             `aligngpt_card_info.json` when `model` is a folder. `card_kwargs` override single facts.
     """
+    if isinstance(model, (str, Path)) and (Path(model) / "adapter_config.json").exists():
+        raise ValueError(
+            f"{model} is a LoRA adapter, not a whole model: push the merged model instead (`aligngpt sft --merge` "
+            "writes it to <output>/merged; `transformers_aligngpt.training.merge_qlora_adapter` merges a saved one)"
+        )
     if card_info is None and isinstance(model, (str, Path)):
         card_info = _checkpoint_card_info(model)
     info = {**load_card_info(card_info), **{k: v for k, v in card_kwargs.items() if v is not None}}

@@ -21,6 +21,10 @@ VICUNA_V1_SYSTEM_PROMPT = (
 VICUNA_V1_CHAT_TEMPLATE = (
     "{%- macro render(content) -%}"
     "{%- if content is string -%}{{- content -}}"
+    # one image: first, as LLaVA's preprocessing puts it (`<image>\nQ` also for a turn written `Q\n<image>`)
+    "{%- elif content | selectattr('type', 'equalto', 'image') | list | length == 1 -%}{{- '<image>\\n' -}}"
+    "{%- for item in content -%}{%- if item['type'] == 'text' -%}{{- item['text'] -}}{%- endif -%}{%- endfor -%}"
+    # several images: in place (their order is the pixel_values' order)
     "{%- else -%}{%- for item in content -%}"
     "{%- if item['type'] == 'image' -%}{{- '<image>\\n' -}}"
     "{%- elif item['type'] == 'text' -%}{{- item['text'] -}}{%- endif -%}"

@@ -226,6 +226,32 @@ def build_pretrain_dataset(args: argparse.Namespace):
     return dataset.rename_column("caption_quality", "alignment_level")
 
 
+def write_card_info(trainer, folders, phase: str, settings: dict, base: str | None) -> None:
+    """Records the run's training setup in `aligngpt_card_info.json` of each output folder, after the base
+    checkpoint's own entries (phase 1's, for a phase-2 run), so that `aligngpt push` can put both in the card."""
+    from .hub import CARD_INFO_FILENAME, load_card_info
+
+    info = {}
+    if base and os.path.isdir(base):
+        info = load_card_info(base)
+    args = trainer.args
+    info["training"] = {
+        **info.get("training", {}),
+        phase: {
+            **settings,
+            "optimizer steps": trainer.state.global_step,
+            "learning rate": args.learning_rate,
+            "batch size per device": args.per_device_train_batch_size,
+            "processes": args.world_size,
+            "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+        },
+    }
+    for folder in folders:
+        if os.path.isdir(folder):
+            with open(os.path.join(folder, CARD_INFO_FILENAME), "w", encoding="utf-8") as f:
+                json.dump(info, f, indent=2, default=str)
+
+
 def print_run_summary(trainer) -> None:
     """The last line of `aligngpt pretrain|sft` (one JSON object: processes and optimizer steps), read by scripts."""
     print(json.dumps({"world_size": trainer.args.world_size, "global_step": trainer.state.global_step}))
@@ -266,6 +292,9 @@ def run_pretrain(args: argparse.Namespace):
     trainer.train()
     trainer.save_model(args.output)
     if trainer.is_world_process_zero():
+        write_card_info(trainer, [args.output], "phase 1 (pre-training)",
+                        {"trained": "projector, alignment embeddings", "data": args.data or "built-in demo pairs"},
+                        args.model)
         print(f"phase-1 checkpoint and mm_projector_align.safetensors saved to {args.output}")
         print_run_summary(trainer)
     return trainer
@@ -392,7 +421,8 @@ def artifact_levels(path) -> int | None:
 
 
 def build_sft_model_and_processor(args: argparse.Namespace):
-    """(model, processor) for phase 2: a checkpoint (4-bit with --load-in-4bit), a new AlignGPT, or the tiny model."""
+    """(model, processor) for phase 2: a checkpoint (4-bit with --load-in-4bit), a new AlignGPT, or the tiny model,
+    with the phase-1 artefact loaded when given."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -418,26 +448,51 @@ def build_sft_model_and_processor(args: argparse.Namespace):
         levels = args.num_levels or artifact_levels(args.pretrain_artifact)  # the artefact's, as for a new model
         levels = {"num_alignment_levels": levels} if levels else {}
         model, processor = build_tiny_model(texts=demo_corpus(), seed=args.seed, **levels)
-        if args.load_in_4bit:
-            # quantisation happens while loading: save the tiny model first, in the run's folder, where the adapter's
-            # `base_model_name_or_path` will point (to reload or merge it later)
-            path = os.path.join(args.output, "tiny-base-model")
-            model.save_pretrained(path)
-            processor.save_pretrained(path)
     else:
         with loading("--model", path):
             processor = AutoProcessor.from_pretrained(path)
-    with loading("--model", path):
-        if args.load_in_4bit:
+    # An adapter holds what it trains only (LoRA, gate, projector); its base is whatever `base_model_name_or_path`
+    # names. A base built here (new, tiny) or changed here (the artefact's alignment embeddings, frozen in phase 2)
+    # is therefore saved in the run folder first, and the adapter points there (4-bit: quantised while loading it).
+    materialize = args.use_peft and (model is not None or args.pretrain_artifact)
+    if args.pretrain_artifact or (model is None and not args.load_in_4bit):
+        if model is None:
+            with loading("--model", path):
+                model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
+        if args.pretrain_artifact:
+            try:
+                load_pretraining_artifact(model, args.pretrain_artifact)
+            except (ValueError, FileNotFoundError) as error:
+                raise CommandError(f"--pretrain-artifact: {error}") from error
+    if materialize:
+        path = _save_peft_base(model, processor, args.output)
+        model.name_or_path = path
+    if args.load_in_4bit:
+        model = None  # (the full-precision copy, if any, goes before the 4-bit one loads)
+        with loading("--model", path):
             model = load_for_qlora(path, compute_dtype=torch.bfloat16)
-        elif model is None:
-            model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
-    if args.pretrain_artifact:
-        try:
-            load_pretraining_artifact(model, args.pretrain_artifact)
-        except (ValueError, FileNotFoundError) as error:
-            raise CommandError(f"--pretrain-artifact: {error}") from error
     return model, processor
+
+
+def _save_peft_base(model, processor, output: str) -> str:
+    """Saves the model an adapter will be trained on to `<output>/base-model` (the main process writes, the others
+    wait) and returns that folder."""
+    from accelerate import PartialState
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():  # ZeRO-3 has already partitioned the weights: a save here would be empty
+        raise CommandError(
+            "--use-peft on a new or tiny model, or with --pretrain-artifact, needs the base model saved first, which "
+            "ZeRO-3 cannot do here: build it once (e.g. `aligngpt convert --pretrain-artefact ... --output BASE`) and "
+            "pass --model BASE"
+        )
+    path = os.path.abspath(os.path.join(output, "base-model"))  # the adapter config records it: not cwd-relative
+    state = PartialState()
+    if state.is_main_process:
+        model.save_pretrained(path)
+        processor.save_pretrained(path)
+    state.wait_for_everyone()
+    return path
 
 
 def build_sft_dataset(args: argparse.Namespace):
@@ -502,11 +557,18 @@ def run_sft(args: argparse.Namespace):
     trainer.train()
     trainer.save_model(args.output)
     if args.merge and trainer.is_world_process_zero():
-        base = args.model or getattr(model, "name_or_path", None)
+        base = getattr(model, "name_or_path", None) or args.model  # the adapter's base (see build_sft_model...)
         merged = merge_qlora_adapter(base, args.output) if args.load_in_4bit else trainer.model.merge_and_unload()
         merged.save_pretrained(os.path.join(args.output, "merged"))
         processor.save_pretrained(os.path.join(args.output, "merged"))
     if trainer.is_world_process_zero():
+        recipe = "QLoRA (NF4 LLM)" if args.load_in_4bit else "LoRA" if args.use_peft else "full (LLM, gate, projector)"
+        settings = {"trained": recipe, "data": args.data or "built-in demo conversations",
+                    "gate text scope": model.config.gate_text_scope}
+        if args.use_peft:
+            settings["LoRA rank"] = args.lora_r
+        write_card_info(trainer, [args.output, os.path.join(args.output, "merged")], "phase 2 (instruction tuning)",
+                        settings, args.model)
         print(f"phase-2 {'adapter' if args.use_peft else 'model'} saved to {args.output}")
         print_run_summary(trainer)
     return trainer

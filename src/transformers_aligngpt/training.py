@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import (
@@ -351,8 +352,11 @@ def validate_pretraining_dataset(dataset, num_alignment_levels: int, level_colum
             bad = next(i for i, value in enumerate(values) if not 0 <= value < num_alignment_levels)
             raise ValueError(
                 f"{level_column} must lie in 0..{num_alignment_levels - 1} (the model has {num_alignment_levels} "
-                f"alignment levels); row {bad} has {values[bad]} (range found: {low}..{high})."
+                f"alignment levels); row {bad} has {values[bad]} (range found: {low}..{high}). Build the model with "
+                f"as many levels as the data (`--num-levels {high + 1}` / num_alignment_levels={high + 1} for a new "
+                f"model), or recompute the levels for this one (`aligngpt levels --num-levels {num_alignment_levels}`)."
             )
+    check_images_of_rows(dataset)
     # every row an image-caption pair: one image, a caption (records of other kinds read fine from a LLaVA file)
     names = set(dataset.column_names)
     if "images" in names or "image" in names:
@@ -390,6 +394,93 @@ def _images_per_row(dataset, batch_size: int) -> Iterator[list[int]]:
             yield [0 if value is None else 1 for value in pc.is_null(values).to_pylist()]
         else:
             yield [n or 0 for n in pc.list_value_length(values).to_pylist()]
+
+
+def _image_paths(cell) -> list[str]:
+    """File paths of one `images` / `image` cell (paths, or `datasets.Image` dicts without bytes)."""
+    items = cell if isinstance(cell, list) else [] if cell is None else [cell]
+    paths = []
+    for item in items:
+        if isinstance(item, str):
+            paths.append(item)
+        elif isinstance(item, dict) and item.get("bytes") is None and item.get("path"):
+            paths.append(item["path"])
+    return paths
+
+
+def _placeholders_per_row(messages: "pa.ChunkedArray") -> np.ndarray | None:
+    """Image content blocks per row of a `messages` column in the chat format (list of {role, content: [{type,
+    ...}]}), from the Arrow layout without Python objects; None when the content is not in blocks."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    rows = messages.combine_chunks()
+    if not pa.types.is_list(rows.type) or not pa.types.is_struct(rows.type.value_type):
+        return None
+    turns = rows.values
+    if turns.type.get_field_index("content") < 0:
+        return None
+    content = pc.struct_field(turns, "content")
+    if not pa.types.is_list(content.type) or content.type.value_type.get_field_index("type") < 0:
+        return None
+    content = content.combine_chunks() if isinstance(content, pa.ChunkedArray) else content
+    is_image = pc.fill_null(pc.equal(pc.struct_field(content.values, "type"), "image"), False).to_numpy(
+        zero_copy_only=False
+    )
+    # per turn, then per row, through the list offsets (a running sum read at the boundaries)
+    running = np.concatenate([[0], np.cumsum(is_image, dtype=np.int64)])
+    per_turn = np.diff(running[content.offsets.to_numpy()])
+    running = np.concatenate([[0], np.cumsum(per_turn, dtype=np.int64)])
+    return np.diff(running[rows.offsets.to_numpy()])
+
+
+def check_images_of_rows(dataset, batch_size: int = 10_000, limit: int = 5) -> None:
+    """Raises `ValueError` before training when image files are missing, or when a row's images and its image
+    placeholders (image blocks of `messages`) differ in number: both would stop a run mid-way, inside the data
+    pipeline, without saying which row. Only for an in-memory or on-disk `datasets.Dataset` of paths."""
+    from datasets import Dataset
+
+    if not isinstance(dataset, Dataset):
+        return
+    names = set(dataset.column_names)
+    column = "images" if "images" in names else "image" if "image" in names else None
+    if column is None:
+        return
+    view = dataset.select_columns([column] + (["messages"] if "messages" in names else []))
+    feature = view.features[column]
+    inner = getattr(feature, "feature", feature)
+    if type(inner).__name__ == "Image":  # never decode: paths (and bytes) only
+        import datasets as hf_datasets
+
+        decoded = hf_datasets.Image(decode=False)
+        view = view.cast_column(column, hf_datasets.List(decoded) if inner is not feature else decoded)
+    missing, mismatched, row = [], [], 0
+    for table in view.with_format("arrow").iter(batch_size=batch_size):
+        counts = None
+        if "messages" in table.column_names:
+            counts = _placeholders_per_row(table["messages"])
+        cells = table[column].to_pylist()
+        for j, cell in enumerate(cells):
+            for path in _image_paths(cell):
+                if not os.path.exists(path):
+                    missing.append((row + j, path))
+            n_images = len(cell) if isinstance(cell, list) else int(cell is not None)
+            if counts is not None and counts[j] != n_images:
+                mismatched.append((row + j, n_images, int(counts[j])))
+        row += len(cells)
+    if missing:
+        listed = ", ".join(f"row {r}: {p}" for r, p in missing[:limit])
+        raise ValueError(
+            f"{len(missing)} image files do not exist ({listed}{', ...' if len(missing) > limit else ''}). Relative "
+            "paths are read from the working directory: give the image folder (--image-folder, or "
+            "load_llava_json(..., image_folder=)), or fix or drop those rows."
+        )
+    if mismatched:
+        listed = ", ".join(f"row {r}: {n} images, {k} image placeholders" for r, n, k in mismatched[:limit])
+        raise ValueError(
+            f"{len(mismatched)} rows have a different number of images and of image placeholders in their messages "
+            f"({listed}). Each image needs one image block (one `<image>` in a LLaVA turn); fix or drop those rows."
+        )
 
 
 def image_rows_longer_than(
@@ -628,6 +719,9 @@ def validate_sft_options(
                         "be trained fully. Keep it out of quantisation (llm_int8_skip_modules, see qlora_bnb_config()) "
                         "or drop it from modules_to_save."
                     )
+    if is_vision:
+        for dataset in datasets:
+            check_images_of_rows(dataset)
     if is_vision and args.max_length is not None:
         from datasets import Dataset
 
@@ -828,6 +922,7 @@ __all__ = [
     "qlora_bnb_config",
     "save_pretraining_artifact",
     "trainable_parameter_names",
+    "check_images_of_rows",
     "validate_pretraining_dataset",
     "validate_sft_options",
 ]
