@@ -44,9 +44,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 import xxhash
-from datasets import Dataset, Features, List, Value, concatenate_datasets
-from datasets import Image as ImageFeature
+from datasets import Dataset, Features, Value, concatenate_datasets
 from datasets.fingerprint import Hasher
+
+from .data import without_image_decoding
 
 logger = logging.getLogger(__name__)
 
@@ -206,13 +207,7 @@ class _PairView:
         columns = [image_column, text_column]
         self.id_column = id_column if id_column is not None and id_column in dataset.column_names else None
         view = dataset.select_columns(columns + ([self.id_column] if self.id_column else []))
-        feature = view.features[image_column]
-        inner = getattr(feature, "feature", None)
-        if isinstance(feature, ImageFeature):
-            view = view.cast_column(image_column, ImageFeature(decode=False))
-        elif isinstance(feature, (List,)) and isinstance(inner, ImageFeature):
-            view = view.cast_column(image_column, List(ImageFeature(decode=False)))
-        self.view = view.with_format(None)
+        self.view = without_image_decoding(view, image_column).with_format(None)
         self.pairs = self.view.select_columns(columns)
 
     def __len__(self) -> int:

@@ -50,6 +50,13 @@ def check_model_source(flag: str, value: str | None) -> str | None:
     return value
 
 
+def check_model_sources(args: argparse.Namespace, *flags: str) -> None:
+    """`check_model_source` for each `--flag` of the parsed `args`, whose values it replaces (`~` expanded)."""
+    for flag in flags:
+        name = flag[2:].replace("-", "_")
+        setattr(args, name, check_model_source(flag, getattr(args, name)))
+
+
 @contextlib.contextmanager
 def loading(flag: str, value: str):
     """Turns the OSError of a failed `from_pretrained` (no such folder here, no such or unreachable Hub repo) into
@@ -93,7 +100,7 @@ def add_chat_subparser(subparsers) -> argparse.ArgumentParser:
 def run_chat(args: argparse.Namespace) -> int:
     if args.image and not os.path.isfile(args.image):
         raise CommandError(f"--image {args.image}: no such file")
-    args.model = check_model_source("--model", args.model)
+    check_model_sources(args, "--model")
     session = ChatSession.load(
         args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
         system_prompt=args.system,

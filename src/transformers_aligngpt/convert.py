@@ -523,8 +523,8 @@ def _hub_ids(*names) -> list[str]:
 
 def _finish(model, tokenizer, image_processor, generation_config, output_dir, push_to_hub, private, max_shard_size,
             card_info):
-    from .hub import CARD_INFO_FILENAME
     from .hub import push_to_hub as push_with_card
+    from .hub import save_card_info
     from .processing_aligngpt import AlignGPTProcessor
 
     # the model's LM vocabulary covers the tokenizer (placeholder ids included)
@@ -538,8 +538,7 @@ def _finish(model, tokenizer, image_processor, generation_config, output_dir, pu
         model.save_pretrained(output_dir, max_shard_size=max_shard_size)
         processor.save_pretrained(output_dir)
         # what the card says about this checkpoint, for `aligngpt push --model OUTPUT` later
-        with open(os.path.join(output_dir, CARD_INFO_FILENAME), "w", encoding="utf-8") as f:
-            json.dump(card_info, f, indent=2)
+        save_card_info(output_dir, card_info)
         logger.info("Saved the converted model and processor to %s", output_dir)
     if push_to_hub:
         # as `aligngpt push` does: model, processor, remote code and the AlignGPT model card, in one commit
@@ -818,8 +817,9 @@ def convert_original_sequence(
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_argument_group("source (one of)")
     source.add_argument("--checkpoint", help="folder of a full checkpoint of the original format")
-    source.add_argument("--pretrain-artefact", "--pretrain-artifact", dest="pretrain_artefact", help="phase-1 output mm_projector_align.bin (projector + alignment "
-                        "embeddings); needs --language-model and --vision-tower, the gate is freshly initialised")
+    source.add_argument("--pretrain-artefact", "--pretrain-artifact", dest="pretrain_artefact",
+                        help="phase-1 output mm_projector_align.bin (projector + alignment embeddings); needs "
+                        "--language-model and --vision-tower, the gate is freshly initialised")
     parser.add_argument("--vision-tower", help="folder or Hub id of the CLIP vision tower (config, preprocessor "
                         "settings, and weights when the checkpoint has no copy); default: the config's "
                         "mm_vision_tower")
@@ -858,14 +858,12 @@ def add_convert_subparser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_convert(args: argparse.Namespace):
-    from .cli import CommandError, check_model_source
+    from .cli import CommandError, check_model_sources
 
-    for flag in ("--language-model", "--vision-tower"):
-        name = flag[2:].replace("-", "_")
-        try:
-            setattr(args, name, check_model_source(flag, getattr(args, name)))
-        except CommandError as error:
-            raise SystemExit(f"convert: {error}") from None
+    try:
+        check_model_sources(args, "--language-model", "--vision-tower")
+    except CommandError as error:
+        raise SystemExit(f"convert: {error}") from None
     if bool(args.checkpoint) == bool(args.pretrain_artefact):
         raise SystemExit("convert: give exactly one of --checkpoint or --pretrain-artefact")
     if not args.output and not args.push_to_hub:

@@ -38,6 +38,7 @@ __all__ = [
     "llava_conversations_to_messages",
     "load_llava_json",
     "messages_to_llava_conversations",
+    "without_image_decoding",
     "write_llava_json",
 ]
 
@@ -241,6 +242,17 @@ def load_llava_json(
     return dataset
 
 
+def without_image_decoding(dataset: Dataset, column: str) -> Dataset:
+    """`dataset` with its `datasets.Image` column (or list of them) cast to `decode=False`: rows then hold
+    `{"bytes", "path"}` instead of PIL images, for code that only needs where the images are."""
+    feature = dataset.features[column]
+    if isinstance(feature, datasets.Image):
+        return dataset.cast_column(column, datasets.Image(decode=False))
+    if isinstance(feature, List) and isinstance(feature.feature, datasets.Image):
+        return dataset.cast_column(column, List(datasets.Image(decode=False)))
+    return dataset
+
+
 def _iter_llava_records(
     dataset: Dataset,
     *,
@@ -257,12 +269,8 @@ def _iter_llava_records(
         if c is not None and c in names:
             wanted.append(c)
     view = dataset.select_columns(wanted)
-    if "images" in names and "image_file" not in names:
-        # only paths are written: never decode the images
-        feature = view.features["images"]
-        inner = getattr(feature, "feature", None)
-        if isinstance(inner, datasets.Image):
-            view = view.cast_column("images", List(datasets.Image(decode=False)))
+    if "images" in names:  # only paths are written: never decode the images
+        view = without_image_decoding(view, "images")
     row_number = 0
     for batch in view.iter(batch_size=batch_size):
         n = len(next(iter(batch.values())))
@@ -281,14 +289,19 @@ def _iter_llava_records(
             else:
                 conversations = messages_to_llava_conversations(messages)
             record["conversations"] = conversations
-            if level_column is not None and level_column in batch and batch[level_column][j] is not None:
-                record["similarity"] = int(batch[level_column][j])
-            if score_column is not None and score_column in batch:
-                score = batch[score_column][j]
-                if score is not None and not math.isnan(score):
-                    record["clip_score"] = float(score)
+            _set_level_and_score(record, batch, j, level_column, score_column)
             row_number += 1
             yield record
+
+
+def _set_level_and_score(record: dict, batch: dict[str, list], j: int, level_column, score_column) -> None:
+    """Row `j`'s level as `similarity` and its score as `clip_score`, each left out where the row has none."""
+    if level_column is not None and level_column in batch and batch[level_column][j] is not None:
+        record["similarity"] = int(batch[level_column][j])
+    if score_column is not None and score_column in batch:
+        score = batch[score_column][j]
+        if score is not None and not math.isnan(score):
+            record["clip_score"] = float(score)
 
 
 def _image_file_of(batch: dict[str, list], j: int, image_folder: str | None) -> str | None:
@@ -343,12 +356,7 @@ def _source_records(
             # score beside a new level would read back as this level's score)
             record.pop("similarity", None)
             record.pop("clip_score", None)
-            if level_column in batch and batch[level_column][j] is not None:
-                record["similarity"] = int(batch[level_column][j])
-            if score_column in batch:
-                score = batch[score_column][j]
-                if score is not None and not math.isnan(score):
-                    record["clip_score"] = float(score)
+            _set_level_and_score(record, batch, j, level_column, score_column)
             yield record
 
 

@@ -265,6 +265,11 @@ def load_card_info(source: str | Path | Mapping[str, Any] | None) -> dict[str, A
     return info
 
 
+def save_card_info(folder: str | Path, info: Mapping[str, Any]) -> None:
+    """Writes the card facts as `folder/aligngpt_card_info.json`, which `load_card_info(folder)` reads back."""
+    (Path(folder) / CARD_INFO_FILENAME).write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")
+
+
 def _checkpoint_card_info(model) -> str | None:
     """Where the card facts of a checkpoint given by name are: its folder, or the file in its Hub repo (None when
     the repo has none or cannot be reached: the card is then built from the config and the arguments)."""
@@ -348,7 +353,7 @@ def prepare_push_folder(
         model.config, repo_id, num_parameters=sum(p.numel() for p in model.parameters()), **info
     )
     card.save(folder / "README.md")
-    (folder / CARD_INFO_FILENAME).write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")
+    save_card_info(folder, info)
     return folder
 
 
@@ -398,5 +403,6 @@ __all__ = [
     "normalize_eval_results",
     "prepare_push_folder",
     "push_to_hub",
+    "save_card_info",
     "template_path",
 ]

@@ -16,7 +16,7 @@ import json
 import os
 from collections.abc import Sequence
 
-from .cli import CommandError, _positive_int, check_model_source, loading
+from .cli import CommandError, _positive_int, check_model_sources, loading
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -159,9 +159,7 @@ def _check_model_flags(args) -> None:
         )
     if bool(args.language_model) != bool(args.vision_tower):
         raise CommandError("--language-model and --vision-tower go together (a new AlignGPT needs both)")
-    for flag in ("--model", "--language-model", "--vision-tower"):
-        name = flag[2:].replace("-", "_")
-        setattr(args, name, check_model_source(flag, getattr(args, name)))
+    check_model_sources(args, "--model", "--language-model", "--vision-tower")
 
 
 def _check_data_flags(args) -> None:
@@ -229,7 +227,7 @@ def build_pretrain_dataset(args: argparse.Namespace):
 def write_card_info(trainer, folders, phase: str, settings: dict, base: str | None) -> None:
     """Records the run's training setup in `aligngpt_card_info.json` of each output folder, after the base
     checkpoint's own entries (phase 1's, for a phase-2 run), so that `aligngpt push` can put both in the card."""
-    from .hub import CARD_INFO_FILENAME, load_card_info
+    from .hub import load_card_info, save_card_info
 
     info = {}
     if base and os.path.isdir(base):
@@ -248,8 +246,7 @@ def write_card_info(trainer, folders, phase: str, settings: dict, base: str | No
     }
     for folder in folders:
         if os.path.isdir(folder):
-            with open(os.path.join(folder, CARD_INFO_FILENAME), "w", encoding="utf-8") as f:
-                json.dump(info, f, indent=2, default=str)
+            save_card_info(folder, info)
 
 
 def print_run_summary(trainer) -> None:
@@ -455,15 +452,15 @@ def build_sft_model_and_processor(args: argparse.Namespace):
     # names. A base built here (new, tiny) or changed here (the artefact's alignment embeddings, frozen in phase 2)
     # is therefore saved in the run folder first, and the adapter points there (4-bit: quantised while loading it).
     materialize = args.use_peft and (model is not None or args.pretrain_artifact)
-    if args.pretrain_artifact or (model is None and not args.load_in_4bit):
-        if model is None:
-            with loading("--model", path):
-                model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
-        if args.pretrain_artifact:
-            try:
-                load_pretraining_artifact(model, args.pretrain_artifact)
-            except (ValueError, FileNotFoundError) as error:
-                raise CommandError(f"--pretrain-artifact: {error}") from error
+    # a full-precision model is needed unless a 4-bit one is loaded from `path` as it is
+    if model is None and (args.pretrain_artifact or not args.load_in_4bit):
+        with loading("--model", path):
+            model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
+    if args.pretrain_artifact:
+        try:
+            load_pretraining_artifact(model, args.pretrain_artifact)
+        except (ValueError, FileNotFoundError) as error:
+            raise CommandError(f"--pretrain-artifact: {error}") from error
     if materialize:
         path = _save_peft_base(model, processor, args.output)
         model.name_or_path = path

@@ -408,7 +408,7 @@ def _image_paths(cell) -> list[str]:
     return paths
 
 
-def _placeholders_per_row(messages: "pa.ChunkedArray") -> np.ndarray | None:
+def _placeholders_per_row(messages) -> np.ndarray | None:
     """Image content blocks per row of a `messages` column in the chat format (list of {role, content: [{type,
     ...}]}), from the Arrow layout without Python objects; None when the content is not in blocks."""
     import pyarrow as pa
@@ -447,14 +447,8 @@ def check_images_of_rows(dataset, batch_size: int = 10_000, limit: int = 5) -> N
     if column is None:
         return
     view = dataset.select_columns([column] + (["messages"] if "messages" in names else []))
-    feature = view.features[column]
-    inner = getattr(feature, "feature", feature)
-    if type(inner).__name__ == "Image":  # never decode: paths (and bytes) only
-        import datasets as hf_datasets
-
-        decoded = hf_datasets.Image(decode=False)
-        view = view.cast_column(column, hf_datasets.List(decoded) if inner is not feature else decoded)
     missing, mismatched, row = [], [], 0
+    # Arrow batches: image cells come as their stored paths / {bytes, path}, never decoded
     for table in view.with_format("arrow").iter(batch_size=batch_size):
         counts = None
         if "messages" in table.column_names:
