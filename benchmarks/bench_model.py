@@ -316,6 +316,7 @@ def case_forward(args, rec, llava, aligngpt, dtype, image_size, num_image_tokens
     for name in names:
         rec.emit(case="forward", model=name, batch=1, seq_len=batches[name]["input_ids"].shape[1],
                  seconds=res[name]["median"], min_seconds=res[name]["min"], cpu_seconds=res[name].get("cpu_median"),
+                 times=res[name]["times"],
                  **({} if name == "aligngpt" else {f"aligngpt_{k}": v for k, v in ratios(res, "aligngpt", name).items()}))
 
     # the alignment path alone against LLaVA's merge of the image features, each on its own model's tensors
@@ -530,6 +531,7 @@ def case_generate(args, rec, llava, aligngpt, dtype, image_size, num_image_token
             prompt_len=batches[name]["input_ids"].shape[1], generate_seconds=full[name]["median"],
             prefill_seconds=prefill[name]["median"], e2e_tok_s=e2e, decode_tok_s=decode,
             first_call_seconds=first_call[name], timed_after_same_model=settled,
+            generate_times=full[name]["times"], prefill_times=prefill[name]["times"],
         )
         if "cpu_median" in full[name]:
             record.update(generate_cpu_seconds=full[name]["cpu_median"], prefill_cpu_seconds=prefill[name]["cpu_median"])

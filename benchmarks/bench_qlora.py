@@ -22,6 +22,7 @@ managed memory outside PyTorch's allocator), tokens/s over the measured steps (a
     python benchmarks/bench_qlora.py --quick              # CPU smoke run on tiny shapes (< 1 minute)
     python benchmarks/bench_qlora.py --plan               # CPU: weight / adapter / optimizer sizes of the 7B shapes
     python benchmarks/bench_qlora.py --paired 6 --steps 10 --warmup 2   # GPU: throughput ratio, paired rounds
+    python benchmarks/bench_qlora.py --paired 2 --paired-first llava --profile-step   # ... and where a gap goes
 
 Throughput across separate runs drifts (the same configuration gave 3359 and 2901 tokens/s on one H200), so the
 tokens/s comparison has `--paired`: both models resident in one process, trained in alternating blocks.
@@ -351,14 +352,87 @@ def run(kind: str, recipe: str, args, device: torch.device) -> dict:
     return row
 
 
+class StepProfiler:
+    """A `TrainerCallback` that records one optimizer step (forward, backward, optimizer) with `torch.profiler`:
+    the step after the warm-up ones."""
+
+    def __init__(self, step: int, device: torch.device):
+        from torch.profiler import ProfilerActivity, profile
+        from transformers import TrainerCallback
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        outer, self.device, self.profile, self.seconds = self, device, None, None
+
+        class _Callback(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                if state.global_step == step and outer.profile is None:
+                    outer._sync()
+                    outer.profile = profile(activities=activities)
+                    outer.profile.__enter__()
+                    outer.start = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                if outer.profile is not None and outer.seconds is None:
+                    outer._sync()
+                    outer.seconds = time.perf_counter() - outer.start
+                    outer.profile.__exit__(None, None, None)
+
+        self.callback = _Callback()
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def self_times_us(self) -> dict[str, tuple[float, int]]:
+        """{kernel (GPU) or aten op (CPU) name: (self time in us, calls)} of the recorded step."""
+        cuda = self.device.type == "cuda"
+        out = {}
+        for event in self.profile.key_averages():
+            us = event.self_device_time_total if cuda else event.self_cpu_time_total
+            if us > 0 and (cuda or event.key.startswith("aten::")):
+                out[event.key] = (us, event.count)
+        return out
+
+
+def profile_difference(trainers: dict, args, device: torch.device, top: int = 15) -> dict:
+    """One profiled step of each model (after `args.warmup` steps): total self time, calls, and the kernels (GPU) or
+    aten ops (CPU) whose time differs most between AlignGPT and LLaVA: where a throughput gap goes."""
+    times, seconds = {}, {}
+    for kind, (trainer, timer) in trainers.items():
+        profiler = StepProfiler(args.warmup, device)
+        trainer.add_callback(profiler.callback)
+        try:
+            timer.start = timer.end = None
+            trainer.train()
+        finally:
+            trainer.remove_callback(profiler.callback)
+        times[kind], seconds[kind] = profiler.self_times_us(), profiler.seconds
+    a, b = times["aligngpt"], times["llava"]
+    rows = []
+    for name in set(a) | set(b):
+        (ta, ca), (tb, cb) = a.get(name, (0.0, 0)), b.get(name, (0.0, 0))
+        rows.append((name, ta - tb, ca, cb))
+    rows.sort(key=lambda row: -abs(row[1]))
+    return {
+        "profiled_step_s": {k: round(v, 4) for k, v in seconds.items()},
+        "self_time_ms": {k: round(sum(t for t, _ in v.values()) / 1e3, 3) for k, v in times.items()},
+        "calls": {k: sum(c for _, c in v.values()) for k, v in times.items()},
+        "largest_differences_us": [[name[:120], round(diff, 1), ca, cb] for name, diff, ca, cb in rows[:top]],
+    }
+
+
 def paired(args, device: torch.device, rounds: int) -> dict:
     """AlignGPT lean and LLaVA lean resident in one process, trained in alternating blocks (AB, BA, AB, ...) of
     `warmup + steps` steps each: clock and memory drift hit both models alike, so the per-round ratios are paired.
-    (Peak memory is not measured here: two resident models share the allocator; see the isolated runs.)"""
-    trainers = {kind: build_trainer(kind, "lean", args, device)[:2] for kind in ("aligngpt", "llava")}
+    `args.paired_first` is built first and trains first in odd rounds. (Peak memory is not measured here: two
+    resident models share the allocator; see the isolated runs.)"""
+    first = args.paired_first
+    order = (first, "llava" if first == "aligngpt" else "aligngpt")
+    built = {kind: build_trainer(kind, "lean", args, device)[:2] for kind in order}
+    trainers = {kind: built[kind] for kind in ("aligngpt", "llava")}
     rates = {kind: [] for kind in trainers}
     for r in range(rounds):
-        for kind in (("aligngpt", "llava") if r % 2 == 0 else ("llava", "aligngpt")):
+        for kind in (order if r % 2 == 0 else order[::-1]):
             trainer, timer = trainers[kind]
             timer.start = timer.end = None
             trainer.train()  # weights and optimizer carry over between blocks; each block times its last `steps`
@@ -366,6 +440,7 @@ def paired(args, device: torch.device, rounds: int) -> dict:
     ratios = [a / b for a, b in zip(rates["aligngpt"], rates["llava"])]
     return {
         "paired": True, "recipe": "lean", "rounds": rounds, "steps_per_block": args.steps, "warmup": args.warmup,
+        "built_first": first,
         "device": torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or "cpu",
         "seq_len": args.seq_len, "lora_r": args.lora_r,
         "aligngpt_tokens_per_s": [round(x, 1) for x in rates["aligngpt"]],
@@ -373,6 +448,7 @@ def paired(args, device: torch.device, rounds: int) -> dict:
         "ratios": [round(x, 4) for x in ratios],
         "ratio_median": round(statistics.median(ratios), 4),
         "ratio_of_means": round(sum(rates["aligngpt"]) / sum(rates["llava"]), 4),
+        **({"profile": profile_difference(trainers, args, device)} if args.profile_step else {}),
         "versions": versions(),
     }
 
@@ -464,6 +540,11 @@ def main(argv=None):
     parser.add_argument("--paired", type=int, default=0, metavar="ROUNDS",
                         help="throughput only: AlignGPT lean and LLaVA lean in one process, ROUNDS alternating "
                              "blocks of warmup + steps each (AB, BA, ...); prints the per-round ratios")
+    parser.add_argument("--paired-first", choices=["aligngpt", "llava"], default="aligngpt",
+                        help="with --paired: the model built first, and trained first in odd rounds")
+    parser.add_argument("--profile-step", action="store_true",
+                        help="with --paired: after the rounds, profile one step of each model and print the kernels "
+                             "(GPU) or aten ops (CPU) whose time differs most")
     parser.add_argument("--output-dir", default="/tmp/bench_qlora")
     args = parser.parse_args(argv)
 
@@ -481,6 +562,8 @@ def main(argv=None):
         if not torch.cuda.is_available():
             parser.error("the 7B benchmark needs a CUDA GPU; use --quick for a CPU smoke run or --plan for the sizes")
         device = torch.device("cuda")
+    if args.profile_step and not args.paired:
+        parser.error("--profile-step profiles the --paired trainers: add --paired ROUNDS")
     if args.paired:
         row = paired(args, device, args.paired)
         print(json.dumps(row), flush=True)

@@ -4,9 +4,12 @@ Timing rules used by every script:
 - CUDA: `torch.cuda.Event` pairs around the call (plus a synchronize), so the figure is device time of the call;
 - CPU: `time.perf_counter` around the call, `torch.set_num_threads` fixed by the script;
 - always warm-up calls first, then the median of N timed calls. When two models are compared, their timed calls
-  are interleaved (A B B A A B ...) so that clock drift, thermal state and other processes hit both alike.
+  are interleaved (A B B A A B ...) so that clock drift, thermal state and other processes hit both alike;
+- the garbage collector is run before and disabled during each timed call (as `timeit` does): a collection pause
+  of a process holding a 7B model lands on whichever call happens to allocate at that moment.
 """
 
+import gc
 import json
 import os
 import platform
@@ -141,7 +144,12 @@ def compare(
             if same_before and previous != name:
                 fns[name]()
             previous = name
-            t, c = time_call_both(fns[name], device)
+            gc.collect()
+            gc.disable()
+            try:
+                t, c = time_call_both(fns[name], device)
+            finally:
+                gc.enable()
             times[name].append(t)
             if c is not None:
                 cpu_times[name].append(c)
