@@ -6,7 +6,8 @@ Python around the compiled call counts. transformers' `prepare_inputs_for_genera
 are, so that `save_pretrained` exports the code; LLaVA's are not); the package computes that signature once
 (`modeling_aligngpt`). This script times the method on a real decoding step's arguments (captured from `generate`),
 for LLaVA, AlignGPT, and AlignGPT with the cached signature removed (the code before the fix), interleaved; tiny
-shapes (`bench_model.SHAPES["tiny"]`), CPU, one thread. One JSON line.
+shapes (`bench_model.SHAPES["tiny"]`), CPU, one thread. A first JSON line compares a step of the default-cache path
+(transformers' plain `generate`): aten ops per step (on a GPU, kernel launches) and host time per token.
 
     python benchmarks/bench_decode_step.py [--repeats 3000]
 """
@@ -14,6 +15,7 @@ shapes (`bench_model.SHAPES["tiny"]`), CPU, one thread. One JSON line.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import platform
 import random
@@ -23,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_model as bm  # noqa: E402
@@ -47,14 +50,67 @@ def capture_decode_step(model, batch) -> tuple:
     return calls[1]
 
 
+class _CountOps(TorchDispatchMode):
+    """Counts the aten ops dispatched inside the block (on a GPU, each non-view op is a kernel launch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def default_path_steps(models: dict, batches: dict, repeats: int) -> dict:
+    """Default-cache greedy decoding (transformers' plain `generate`): aten ops per decoding step (from a 10- and a
+    2-token generate: 8 steps apart) and host time per token (34 vs 2 tokens, interleaved, median), per model."""
+    def gen(name, n):
+        with torch.no_grad():
+            return models[name].generate(**batches[name], max_new_tokens=n, min_new_tokens=n, do_sample=False)
+
+    ops, per_token = {}, {name: [] for name in models}
+    for name in models:
+        gen(name, 2)
+        counts = []
+        for n in (2, 10):
+            with _CountOps() as mode:
+                gen(name, n)
+            counts.append(mode.counts)
+        steps = counts[1].copy()
+        steps.subtract(counts[0])
+        ops[name] = {k: v / 8 for k, v in steps.items() if v}
+    for r in range(repeats):
+        for name in (list(models) if r % 2 == 0 else list(models)[::-1]):
+            t0 = time.perf_counter()
+            gen(name, 2)
+            short = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            gen(name, 34)
+            per_token[name].append((time.perf_counter() - short - t0) / 32)
+    a, b = ops["aligngpt"], ops["llava"]
+    extra = {k: a.get(k, 0) - b.get(k, 0) for k in set(a) | set(b) if a.get(k, 0) != b.get(k, 0)}
+    return {
+        "case": "default-cache decoding step (batch 1): aten ops and host time per token",
+        **{f"{name}_ops_per_step": sum(v.values()) for name, v in ops.items()},
+        "aligngpt_extra_ops_per_step": dict(sorted(extra.items())),
+        **{f"{name}_ms_per_token": round(statistics.median(v) * 1e3, 3) for name, v in per_token.items()},
+    }
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=3000)
+    p.add_argument("--default-path-repeats", type=int, default=6,
+                   help="interleaved generate pairs for the default-cache host time per token")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     build_args, llava, aligngpt = bm.build_tiny_cpu_models(torch.float32)
     rows = bm.generation_rows(1, 576, seed=11, question_max=29)
     batches = bm.batch_for(build_args, rows, 336, torch.float32, "left", False, 12, ["aligngpt", "llava"])
+    print(json.dumps({**default_path_steps({"aligngpt": aligngpt, "llava": llava}, batches,
+                                           args.default_path_repeats),
+                      "cpu": platform.processor() or platform.machine(), "torch": torch.__version__}), flush=True)
     steps = {name: capture_decode_step(model, batches[name])
              for name, model in (("aligngpt", aligngpt), ("llava", llava))}
     forward = type(aligngpt).forward

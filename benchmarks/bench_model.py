@@ -268,9 +268,10 @@ def alignment_path(inner, input_ids, attention_mask, image_features):
     inputs_embeds = inner.get_input_embeddings()(input_ids)
     image_mask, align_mask = inner.get_placeholder_masks(input_ids, inputs_embeds)
     num_images, num_patches = image_features.shape[:2]
-    inner.check_placeholders(image_mask, align_mask, num_images, num_patches, None)
+    gate_text = inner.gate_text_tokens(image_mask, align_mask, attention_mask, None)
+    counts = inner.check_placeholders(image_mask, align_mask, num_images, num_patches, None, gate_text)
     vectors, _ = inner.compute_alignment_vectors(
-        image_features, inputs_embeds, image_mask, align_mask, attention_mask, None, None
+        image_features, inputs_embeds, image_mask, align_mask, attention_mask, None, None, gate_text, counts
     )
     merged = inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), image_features)
     return torch.where(align_mask.unsqueeze(-1), vectors.to(merged.dtype).unsqueeze(1), merged)

@@ -360,7 +360,8 @@ class StepProfiler:
         from torch.profiler import ProfilerActivity, profile
         from transformers import TrainerCallback
 
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        # GPU: kernels only (a 7B QLoRA step also has ~10^5 CPU-side events, slow to aggregate)
+        activities = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
         outer, self.device, self.profile, self.seconds = self, device, None, None
 
         class _Callback(TrainerCallback):

@@ -5,8 +5,8 @@ Timing rules used by every script:
 - CPU: `time.perf_counter` around the call, `torch.set_num_threads` fixed by the script;
 - always warm-up calls first, then the median of N timed calls. When two models are compared, their timed calls
   are interleaved (A B B A A B ...) so that clock drift, thermal state and other processes hit both alike;
-- the garbage collector is run before and disabled during each timed call (as `timeit` does): a collection pause
-  of a process holding a 7B model lands on whichever call happens to allocate at that moment.
+- the garbage collector is disabled during each timed call (as `timeit` does): a collection pause of a process
+  holding a 7B model would land on whichever call happens to allocate at that moment.
 """
 
 import gc
@@ -144,7 +144,6 @@ def compare(
             if same_before and previous != name:
                 fns[name]()
             previous = name
-            gc.collect()
             gc.disable()
             try:
                 t, c = time_call_both(fns[name], device)

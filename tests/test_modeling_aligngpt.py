@@ -523,3 +523,31 @@ def test_text_only_batch_in_distributed_training_runs_the_image_branch_for_zero(
     finally:
         model.eval()
         model.zero_grad(set_to_none=True)
+
+
+def test_gate_text_counts_stay_exact_with_a_half_precision_attention_mask(model, images, processor):
+    # 303 text tokens after <align>: a bf16 sum of 0/1 values would round the count to 304, and the gate's text mean
+    # (divided by the count taken from the placeholder check's host copy) would drift from the int-mask forward
+    config = model.config
+    pixel_values = processor(images=images[:1], text=prompts(processor, ["Hi"]), return_tensors="pt")["pixel_values"]
+    text = torch.randint(5, config.text_config.vocab_size, (400,), generator=torch.Generator().manual_seed(0))
+    text = text[(text != config.image_token_id) & (text != config.alignment_token_id)][:303]
+    assert len(text) == 303
+    input_ids = torch.cat([
+        torch.tensor([1, config.alignment_token_id]), torch.full((config.num_image_tokens,), config.image_token_id),
+        text,
+    ]).unsqueeze(0)
+    inner = model.model
+    image_mask, align_mask = inner.get_placeholder_masks(input_ids, None)
+    for dtype in (torch.long, torch.bfloat16, torch.float16):
+        mask = torch.ones_like(input_ids, dtype=dtype)
+        gate_text = inner.gate_text_tokens(image_mask, align_mask, mask, None)
+        assert not gate_text.is_floating_point()
+        assert inner.check_placeholders(image_mask, align_mask, 1, config.num_image_tokens, None, gate_text) == [303]
+    with torch.no_grad():
+        exact = model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=torch.ones_like(input_ids))
+        half = model(input_ids=input_ids, pixel_values=pixel_values,
+                     attention_mask=torch.ones_like(input_ids, dtype=torch.bfloat16))
+    _, expected_weights, _ = reference_alignment_vector(model, input_ids, pixel_values)
+    torch.testing.assert_close(exact.alignment_weights, expected_weights, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(half.alignment_weights, exact.alignment_weights, atol=0, rtol=0)

@@ -241,10 +241,16 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
                 f"{tuple(pixel_values.shape)}. Preprocess images with the model's AlignGPTProcessor."
             )
 
-    def check_placeholders(self, image_mask, align_mask, num_images, num_patches, alignment_levels):
+    def check_placeholders(
+        self, image_mask, align_mask, num_images, num_patches, alignment_levels, gate_text=None
+    ) -> list | None:
         """Placeholder counts against the images, exactly one `<align>` in each image row and none elsewhere, and the
         alignment levels' range. Eager: one small device-to-host copy (this forward's one sync) and the checks in
-        Python; traced (torch.compile / export): `torch_compilable_check`s, which are also the compiler's hints."""
+        Python; traced (torch.compile / export): `torch_compilable_check`s, which are also the compiler's hints.
+
+        `gate_text` ((batch, seq), from [`gate_text_tokens`]) rides along in the same copy: the per-row number of
+        tokens the gate averages is returned (a list), so that the text mean needs no reduction on the device.
+        None when nothing was copied (traced, checks disabled, or no `gate_text`)."""
         levels = self.config.num_alignment_levels
         batch_size = image_mask.shape[0]
         if alignment_levels is not None and alignment_levels.numel() != batch_size:
@@ -265,7 +271,7 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
             f"alignment_levels must lie in 0..{levels - 1} (one per row); bucket the CLIP scores with "
             f"`assign_levels(scores, num_levels={levels})`{{found}}."
         )
-        if is_tracing():
+        if is_tracing():  # (no host copy, so no text counts either)
             image_tokens = image_mask.sum(-1)
             torch_compilable_check(
                 image_tokens.sum() == num_images * num_patches, count_message.format(found="a different number of")
@@ -275,11 +281,12 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
                 torch_compilable_check(
                     ((alignment_levels >= 0) & (alignment_levels < levels)).all(), level_message.format(found="")
                 )
-            return
+            return None
         if os.getenv("TRANSFORMERS_DISABLE_TORCH_CHECK", "0") == "1":  # transformers' switch for sync-free checks
-            return
-        # per-row counts (and levels) to the host in one copy: fewer kernels than reducing them on the device
-        counts = torch.stack([image_mask, align_mask]).sum(-1)  # (2, batch)
+            return None
+        # per-row counts (and levels, or the gate's text tokens) to the host in one copy: fewer kernels than
+        # reducing them on the device (stack promotes the masks to a common dtype)
+        counts = torch.stack([image_mask, align_mask] + ([gate_text] if gate_text is not None else [])).sum(-1)
         if alignment_levels is not None:
             counts = torch.cat([counts, alignment_levels.view(1, -1).to(counts.device, counts.dtype)])
         counts = counts.tolist()
@@ -290,9 +297,23 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         if bad_rows:
             raise ValueError(align_message.format(rows=f" (rows {bad_rows[:8]} break this)"))
         if alignment_levels is not None:
-            bad_levels = sorted({v for v in counts[2] if not 0 <= v < levels})
+            bad_levels = sorted({v for v in counts[-1] if not 0 <= v < levels})
             if bad_levels:
                 raise ValueError(level_message.format(found=f", got {bad_levels[:8]}"))
+        return counts[2] if gate_text is not None else None
+
+    @staticmethod
+    def gate_text_tokens(image_mask, align_mask, attention_mask, gate_text_mask) -> torch.Tensor:
+        """(batch, seq), 1 where the gate reads a text token: attended tokens after `<align>` (so bos and left padding
+        are out) that are not image placeholders, restricted to `gate_text_mask` when given. Bool or integer, never
+        floating point: its row sums are exact counts (a bf16 sum of 0/1 values stops being exact above 256)."""
+        after_align = align_mask.cumsum(-1) > align_mask  # 0 > 0 before <align>, 1 > 1 at it, 1 > 0 after it
+        text = after_align > image_mask  # after <align> and not an image placeholder
+        for mask in (attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None,
+                     gate_text_mask):
+            if mask is not None:  # 2D padding masks are 0/1 (transformers reads them as bool too)
+                text = text * (mask != 0 if mask.is_floating_point() else mask)
+        return text
 
     def compute_alignment_vectors(
         self,
@@ -303,12 +324,16 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         attention_mask: torch.Tensor | None,
         alignment_levels: torch.LongTensor | None,
         gate_text_mask: torch.BoolTensor | None,
+        gate_text: torch.Tensor | None = None,
+        gate_text_counts: list | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One alignment vector per row, (batch, hidden), and the gate weights (batch, N-1) when the gate ran.
 
         Args:
             image_features: (num_images, P, hidden), the projected features in placeholder order.
             inputs_embeds: (batch, seq, hidden), token embeddings *before* the placeholders are filled.
+            gate_text, gate_text_counts: [`gate_text_tokens`] and its per-row sums on the host, when the forward
+                computed them already (see [`check_placeholders`]).
         """
         config = self.config
         config.validate_alignment()  # the fields may have been edited since the model was built (Python only)
@@ -327,23 +352,27 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         if mode == "fixed":
             return table[config.fixed_alignment_level].expand(batch_size, -1), None
 
-        # adaptive / local: the gate reads d = <image feature j, mean text embedding of the row>.
-        # Text = attended tokens after <align> (so bos and left padding are out) that are not placeholders.
-        # (Each line is one or two small kernels: in eager mode on a GPU every op costs a launch, so they are few.)
-        after_align = align_mask.cumsum(-1) > align_mask  # 0 > 0 before <align>, 1 > 1 at it, 1 > 0 after it
-        weights = (after_align > image_mask).to(inputs_embeds.dtype)  # after <align> and not an image placeholder
-        if attention_mask is not None and attention_mask.dim() == 2:
-            weights = weights * attention_mask  # (a float times the 0/1 mask: stays float)
-        if gate_text_mask is not None:
-            weights = weights * gate_text_mask
-        # the masked mean as one batched matmul, without a (batch, seq, hidden) temporary
-        text_sum = torch.bmm(weights.unsqueeze(1), inputs_embeds).squeeze(1)
-        text_mean = (text_sum / weights.sum(-1, keepdim=True).clamp(min=1)).to(image_features.dtype)  # (batch, hidden)
-
-        gate = self.alignment_gate
+        # adaptive / local: the gate reads d = <image feature j, mean text embedding of the row> (text: see
+        # `gate_text_tokens`). (Each line is one or two small kernels: in eager mode on a GPU every op costs a launch,
+        # so they are few.)
+        if gate_text is None:
+            gate_text = self.gate_text_tokens(image_mask, align_mask, attention_mask, gate_text_mask)
+        weights = gate_text.to(inputs_embeds.dtype)
         num_images, num_patches = image_features.shape[:2]
         # one row (the batch-1 forward of generation): every image is that row's, no image->row map needed
         one_row = batch_size == 1 and num_images > 0
+        # the masked mean as one batched matmul, without a (batch, seq, hidden) temporary; with the row's token
+        # count already on the host, the division is the matmul's `alpha` (2 kernels fewer)
+        if one_row and gate_text_counts is not None:
+            text_mean = torch.baddbmm(
+                inputs_embeds[:, :1], weights.unsqueeze(1), inputs_embeds, beta=0, alpha=1 / max(gate_text_counts[0], 1)
+            ).squeeze(1)
+        else:
+            text_sum = torch.bmm(weights.unsqueeze(1), inputs_embeds).squeeze(1)
+            text_mean = text_sum / weights.sum(-1, keepdim=True).clamp(min=1)
+        text_mean = text_mean.to(image_features.dtype)  # (batch, hidden)
+
+        gate = self.alignment_gate
         if one_row:
             affinities = image_features @ text_mean[0]  # (I, P)
         else:
@@ -413,7 +442,14 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
                 num_images, num_patches = pixel_values.shape[0], self.config.num_image_tokens
             else:
                 num_images, num_patches = len(image_outputs.pooler_output), image_outputs.pooler_output[0].shape[0]
-            self.check_placeholders(image_mask, align_mask, num_images, num_patches, alignment_levels)
+            # the gate's text tokens, when the gate will run, so that their counts share the checks' one host copy
+            gate_runs = alignment_levels is None and self.config.alignment_mode in ("adaptive", "local")
+            gate_text = (
+                self.gate_text_tokens(image_mask, align_mask, attention_mask, gate_text_mask) if gate_runs else None
+            )
+            gate_text_counts = self.check_placeholders(
+                image_mask, align_mask, num_images, num_patches, alignment_levels, gate_text
+            )
             if image_outputs is None:
                 image_outputs = self.get_image_features(
                     pixel_values=pixel_values.to(self.vision_tower.dtype),
@@ -424,7 +460,7 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
             image_features = _features_like(image_outputs.pooler_output, inputs_embeds)
             alignment_vectors, alignment_weights = self.compute_alignment_vectors(
                 image_features, inputs_embeds, image_mask, align_mask, attention_mask, alignment_levels,
-                gate_text_mask,
+                gate_text_mask, gate_text, gate_text_counts,
             )
             inputs_embeds = inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), image_features)
             # Each row's vector goes to that row's own <align> position, whichever rows carry one: a `where`
@@ -538,11 +574,12 @@ class AlignGPTForConditionalGeneration(AlignGPTPreTrainedModel, GenerationMixin)
             # the two ids are adjacent (the converter appends them to the vocabulary side by side).
             low, high = sorted((self.config.image_token_id, self.config.alignment_token_id))
             lowest = torch.finfo(logits.dtype).min
+            # (`fill_` on a slice: item assignment would first wrap the scalar in a tensor)
             if high - low == 1:
-                logits[..., low : high + 1] = lowest
+                logits[..., low : high + 1].fill_(lowest)
             else:
-                logits[..., low] = lowest
-                logits[..., high] = lowest
+                logits[..., low].fill_(lowest)
+                logits[..., high].fill_(lowest)
 
         loss = None
         if labels is not None:
