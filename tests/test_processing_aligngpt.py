@@ -149,3 +149,18 @@ def test_exactly_one_bos_whatever_add_special_tokens_says(processor, images):
     assert already == ids
     text_only = processor(text=["Hello there"], add_special_tokens=False)["input_ids"][0]
     assert text_only[0] == bos and text_only.count(bos) == 1
+
+
+def test_assistant_tokens_mask_comes_with_the_gate_prompt_mask(processor, images):
+    # TRL's fused LM head never hands the labels to the model, so the processor says which tokens are the prompt
+    messages = chat("What is it?", answer="A red box.")
+    messages[0]["content"][0]["image"] = images[0]
+    out = processor.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, return_tensors="pt"
+    )
+    ids, gate = out["input_ids"][0].tolist(), out["gate_text_mask"][0].tolist()
+    start = gate.index(False)  # the prompt is everything before the answer
+    assert all(gate[:start]) and not any(gate[start:])
+    assert processor.tokenizer.decode(ids[start:]).strip() == "A red box.</s>"
+    plain = processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt")
+    assert "gate_text_mask" not in plain

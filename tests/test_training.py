@@ -3,6 +3,7 @@
 Tiny random models (hidden 64, 2 layers) and a few solid-colour images; every run takes a few steps on the CPU.
 """
 
+import copy
 import json
 import logging
 import os
@@ -44,7 +45,8 @@ FIXTURE_DIR = ROOT.parent / "shared" / "fixtures" / "aligngpt-original-tiny"
 
 def new_model(config, seed=0):
     torch.manual_seed(seed)
-    return AlignGPTForConditionalGeneration(config)
+    # a copy: the model keeps its config object, and training recipes write to it (gate_text_scope ...)
+    return AlignGPTForConditionalGeneration(copy.deepcopy(config))
 
 
 def snapshot(model):
@@ -723,3 +725,37 @@ def test_benchmark_quick_smoke_run():
     assert plan[("aligngpt", "lean")]["nf4_params"] == plan[("llava", "lean")]["nf4_params"] == 6_476_005_376
     lean, kbit = plan[("aligngpt", "lean")], plan[("llava", "kbit")]
     assert lean["weights_and_adapter_gib"] < kbit["weights_and_adapter_gib"] - 1
+
+
+def test_trl_fused_lm_head_gets_the_prompt_scope_from_the_processor(model, processor, images, caplog):
+    # SFTTrainer patches the model with TRL's fused LM head, which calls the backbone without the labels: the gate's
+    # prompt-only text mean must then come from the batch (the processor's gate_text_mask), not from the labels
+    from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+    from trl.trainer.utils import add_fused_lm_head
+
+    from transformers_aligngpt import modeling_aligngpt
+
+    model.config.gate_text_scope = "prompt"
+    examples = [{"messages": chat("What is shown?", answer="A red box with a long answer."), "images": [images[0]]},
+                {"messages": chat("And here?", answer="Blue."), "images": [images[1]]}]
+    batch = DataCollatorForVisionLanguageModeling(processor, assistant_only_loss=True)(examples)
+    assert "gate_text_mask" in batch
+    without_mask = {k: v for k, v in batch.items() if k != "gate_text_mask"}
+    gate_logits = []
+    model.model.alignment_gate.register_forward_hook(lambda module, args, out: gate_logits.append(out))
+    model.train()  # (the tiny config has no dropout)
+    with torch.no_grad():
+        expected = model(**without_mask).loss  # the model's own forward: prompt scope from the labels
+        add_fused_lm_head(model)
+        fused = model(**batch, fused_lm_head=True).loss
+        type(modeling_aligngpt.logger).warning_once.cache_clear()
+        with caplog.at_level(logging.WARNING):
+            model(**without_mask, fused_lm_head=True)
+        model.config.gate_text_scope = "conversation"  # ignores the batch's mask: the gate reads the answers too
+        model(**batch, fused_lm_head=True)
+    prompt_only, fused_gate, unscoped, conversation = gate_logits
+    torch.testing.assert_close(fused, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused_gate, prompt_only)
+    assert not torch.allclose(unscoped, prompt_only, atol=1e-4, rtol=1e-4)
+    assert "this training forward got no gate_text_mask" in caplog.text
+    torch.testing.assert_close(conversation, unscoped)

@@ -207,6 +207,9 @@ class AlignGPTInstructionCollator(DataCollatorForVisionLanguageModeling):
                     f"max_length={self.max_length} leaves some rows without any supervised token (their answers "
                     "come after the cut): they train nothing. Raise max_length or set it to None."
                 )
+        # (the processor's own gate_text_mask, from the assistant masks, gives way to the labels: the same prompt,
+        # and the only source for prompt/completion data)
+        batch.pop("gate_text_mask", None)
         if self.gate_text_scope == "prompt":
             batch["gate_text_mask"] = batch["labels"] == IGNORE_INDEX
         return batch

@@ -48,7 +48,8 @@ class AlignGPTConfig(PreTrainedConfig):
         gate_text_scope (`str`, defaults to `"prompt"`): which text tokens the gate averages.
             `conversation` averages every attended text token after bos, answers included when they are in
             `input_ids` (what the original code does in training); `prompt` leaves out supervised tokens
-            (`labels != -100`), so training sees the same gate input as inference.
+            (`labels != -100`, or what the batch's `gate_text_mask` leaves out), so training sees the same gate
+            input as inference.
         projector_type (`str`, defaults to `"mlp2x_gelu"`): `mlp2x_gelu` (Linear, GELU, Linear) or `linear`.
         projector_hidden_act (`str`, defaults to `"gelu"`): activation of `mlp2x_gelu` (exact GELU as the original).
         vision_feature_layer (`int` or `list[int]`, defaults to -2): hidden state(s) of the tower that feed the

@@ -31,11 +31,13 @@ from transformers.modeling_outputs import (
     MultimodalCausalLMOutputWithPast,
 )
 from transformers.modeling_utils import slice_logits_to_keep
-from transformers.utils import is_tracing, torch_compilable_check
+from transformers.utils import is_tracing, logging, torch_compilable_check
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import select_hidden_states
 
 from .configuration_aligngpt import AlignGPTConfig
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -420,8 +422,11 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
             Alignment level (0..N-1) of each row's image-text pair, for pre-training. Read only for rows that carry
             an `<align>` token. Without it, the alignment vector follows `config.alignment_mode`.
         gate_text_mask (`torch.BoolTensor` of shape `(batch_size, sequence_length)`, *optional*):
-            Restricts the text tokens the gate averages (e.g. `labels == -100` to leave the answers out, which
-            `AlignGPTForConditionalGeneration` does itself when `config.gate_text_scope == "prompt"`).
+            With `config.gate_text_scope == "prompt"`: the prompt tokens, to which the gate's text mean is restricted
+            in training (answers left out, as at inference). `AlignGPTForConditionalGeneration` takes it from
+            `labels == -100` when not given; the processor returns it with `return_assistant_tokens_mask=True`, for
+            trainers that compute the loss outside the model (TRL's fused LM head calls this model without labels).
+            Ignored with `"conversation"`, where the gate reads every text token.
         mm_encoder_outputs (`dict`, *optional*):
             `{"image": get_image_features(...)}` computed beforehand; `generate()` does this once before prefill.
         """
@@ -444,6 +449,16 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
                 num_images, num_patches = len(image_outputs.pooler_output), image_outputs.pooler_output[0].shape[0]
             # the gate's text tokens, when the gate will run, so that their counts share the checks' one host copy
             gate_runs = alignment_levels is None and self.config.alignment_mode in ("adaptive", "local")
+            if self.config.gate_text_scope != "prompt":
+                gate_text_mask = None  # "conversation": every text token, whatever the batch carries
+            elif gate_runs and gate_text_mask is None and self.training:
+                logger.warning_once(
+                    "gate_text_scope='prompt': this training forward got no gate_text_mask, so the gate averaged the "
+                    "whole conversation, answers included, unlike at inference. Trainers that compute the loss "
+                    "outside the model (TRL's SFTTrainer with its fused LM head) never pass the labels to it: build "
+                    "batches with AlignGPTInstructionCollator (`aligngpt sft`, `make_sft_trainer`), or with TRL's "
+                    "collator and assistant_only_loss=True (the processor then returns gate_text_mask)."
+                )
             gate_text = (
                 self.gate_text_tokens(image_mask, align_mask, attention_mask, gate_text_mask) if gate_runs else None
             )

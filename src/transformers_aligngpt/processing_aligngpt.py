@@ -6,6 +6,9 @@ What the processor adds to a prompt (the model never changes the sequence length
   model fills with the row's alignment vector. Rows without an image get none.
 """
 
+from collections.abc import Mapping
+
+import torch
 from PIL import UnidentifiedImageError
 from transformers import ProcessorMixin
 
@@ -162,6 +165,19 @@ class AlignGPTProcessor(ProcessorMixin):
                 original_at = 0 if added_bos else at
                 text[row], offsets[row] = _insert(text[row], offsets[row], at, original_at, align, "alignment")
         return text, offsets
+
+    def apply_chat_template(self, conversation, chat_template=None, **kwargs):
+        """`ProcessorMixin.apply_chat_template`; with `return_assistant_tokens_mask=True` (TRL's assistant-only loss)
+        the output also holds `gate_text_mask`, True on the tokens outside the answers: the prompt, which the gate
+        of a `gate_text_scope="prompt"` model averages in training. Trainers that compute the loss outside the model
+        (TRL's fused LM head) never give it the labels it would otherwise take the prompt from."""
+        out = super().apply_chat_template(conversation, chat_template, **kwargs)
+        if kwargs.get("return_assistant_tokens_mask") and isinstance(out, Mapping) and "assistant_masks" in out:
+            masks = out["assistant_masks"]
+            out["gate_text_mask"] = (
+                masks == 0 if isinstance(masks, torch.Tensor) else [[m == 0 for m in row] for row in masks]
+            )
+        return out
 
     def _process_images(self, images, **kwargs):
         try:
