@@ -30,11 +30,12 @@ step() {  # step NAME SECONDS COMMAND...
   grep -iE "error|Traceback" "$OUT/$name.log" | tail -n 5
 }
 
-# SET=followup: the second, shorter call of a session (~200 s): where the QLoRA throughput gap goes (paired rounds
-# with the other build order, then one profiled step per model) and the batch-1 forward / default-path generation
-# with more repeats (the full run's 4 repeats of the default path were too few to tell noise from cost).
+# SET=followup: the second, shorter call of a session (~240 s; one try needed over 100 s for the QLoRA part): where
+# the QLoRA throughput gap goes (paired rounds with the other build order, then one profiled step per model) and the
+# batch-1 forward / default-path generation with more repeats (the full run's 4 repeats of the default path were too
+# few to tell noise from cost).
 if [ "${SET:-all}" = followup ]; then
-  step qlora_profile ${QLORA_S:-100} python3 benchmarks/bench_qlora.py --paired 2 --steps 6 --warmup 2 \
+  step qlora_profile ${QLORA_S:-140} python3 benchmarks/bench_qlora.py --paired 2 --steps 6 --warmup 2 \
     --paired-first llava --profile-step
   step model_b1 ${MODEL_S:-85} python3 benchmarks/bench_model.py --device cuda --shapes 7b --cases forward,generate \
     --paths default --gen-batches 1 --gen-repeats 10 --repeats 21 --budget-s $(( ${MODEL_S:-85} - 10 )) \

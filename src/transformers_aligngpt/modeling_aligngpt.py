@@ -128,6 +128,31 @@ class AlignGPTPreTrainedModel(PreTrainedModel):
             # as the original: Xavier-uniform alignment embeddings
             init.xavier_uniform_(module.alignment_embeddings.weight)
 
+    def enable_input_require_grads(self):
+        """`PreTrainedModel.enable_input_require_grads` (called by PEFT / TRL with activation checkpointing), except
+        that the vision tower's patch embeddings only require gradients while a tower parameter trains.
+
+        transformers hooks the input embeddings of every sub-model, the tower's too: a frozen tower (both AlignGPT
+        phases) then runs its backward, and recomputes its checkpointed layers, in every step, for gradients nobody
+        reads. The LLM's token embeddings keep their unconditional hook.
+        """
+        super().enable_input_require_grads()
+        tower = getattr(self, self.base_model_prefix, self).vision_tower
+        try:
+            tower_embeddings = tower.get_input_embeddings()
+        except (AttributeError, NotImplementedError):  # a tower without the accessor: transformers hooked none
+            return
+
+        def require_grads_if_the_tower_trains(module, inputs, output):
+            if any(parameter.requires_grad for parameter in tower.parameters()):
+                output.requires_grad_(True)
+
+        for i, handle in enumerate(self._require_grads_hooks):
+            if handle.hooks_dict_ref() is tower_embeddings._forward_hooks:
+                handle.remove()
+                self._require_grads_hooks[i] = tower_embeddings.register_forward_hook(require_grads_if_the_tower_trains)
+        self._require_grads_hook = self._require_grads_hooks[0]
+
 
 class AlignGPTModel(AlignGPTPreTrainedModel):
     """Vision tower + projector + alignment embeddings and gate + language model, without the LM head."""
