@@ -71,7 +71,7 @@ def test_alignment_token_typed_in_the_text_is_refused(processor, config, images)
         processor(images=images[:1], text=["<image>a box\n", "what is <align>?"])
 
 
-def test_assistant_mask_covers_answers_and_eos_only(processor, images):
+def test_assistant_mask_covers_answers_and_eos_only_and_comes_with_the_gate_prompt(processor, images):
     messages = chat("What is it?", answer="A red box.")
     messages[0]["content"][0]["image"] = images[0]
     out = processor.apply_chat_template(
@@ -82,6 +82,13 @@ def test_assistant_mask_covers_answers_and_eos_only(processor, images):
     assert ids.count(processor.image_token_id) == processor.num_image_tokens
     supervised = processor.tokenizer.decode([t for t, m in zip(ids, mask) if m])
     assert supervised.strip() == "A red box.</s>"
+    # with it, the gate's prompt (TRL's fused LM head never hands the labels to the model): all before the answer
+    gate = out["gate_text_mask"][0].tolist()
+    start = gate.index(False)
+    assert all(gate[:start]) and not any(gate[start:])
+    assert processor.tokenizer.decode(ids[start:]).strip() == "A red box.</s>"
+    plain = processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt")
+    assert "gate_text_mask" not in plain
 
 
 def test_pad_to_square_matches_an_independent_pil_computation(processor, images):
@@ -149,18 +156,3 @@ def test_exactly_one_bos_whatever_add_special_tokens_says(processor, images):
     assert already == ids
     text_only = processor(text=["Hello there"], add_special_tokens=False)["input_ids"][0]
     assert text_only[0] == bos and text_only.count(bos) == 1
-
-
-def test_assistant_tokens_mask_comes_with_the_gate_prompt_mask(processor, images):
-    # TRL's fused LM head never hands the labels to the model, so the processor says which tokens are the prompt
-    messages = chat("What is it?", answer="A red box.")
-    messages[0]["content"][0]["image"] = images[0]
-    out = processor.apply_chat_template(
-        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, return_tensors="pt"
-    )
-    ids, gate = out["input_ids"][0].tolist(), out["gate_text_mask"][0].tolist()
-    start = gate.index(False)  # the prompt is everything before the answer
-    assert all(gate[:start]) and not any(gate[start:])
-    assert processor.tokenizer.decode(ids[start:]).strip() == "A red box.</s>"
-    plain = processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt")
-    assert "gate_text_mask" not in plain
