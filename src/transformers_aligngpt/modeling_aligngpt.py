@@ -15,6 +15,7 @@ The alignment vector of a row, with `E = alignment_embeddings.weight` of shape (
   `w = softmax(alignment_gate(d))` and `d[j] = <image feature j, mean text embedding of the row>`.
 """
 
+import contextlib
 import inspect
 import os
 from dataclasses import dataclass
@@ -128,31 +129,6 @@ class AlignGPTPreTrainedModel(PreTrainedModel):
             # as the original: Xavier-uniform alignment embeddings
             init.xavier_uniform_(module.alignment_embeddings.weight)
 
-    def enable_input_require_grads(self):
-        """`PreTrainedModel.enable_input_require_grads` (called by PEFT / TRL with activation checkpointing), except
-        that the vision tower's patch embeddings only require gradients while a tower parameter trains.
-
-        transformers hooks the input embeddings of every sub-model, the tower's too: a frozen tower (both AlignGPT
-        phases) then runs its backward, and recomputes its checkpointed layers, in every step, for gradients nobody
-        reads. The LLM's token embeddings keep their unconditional hook.
-        """
-        super().enable_input_require_grads()
-        tower = getattr(self, self.base_model_prefix, self).vision_tower
-        try:
-            tower_embeddings = tower.get_input_embeddings()
-        except (AttributeError, NotImplementedError):  # a tower without the accessor: transformers hooked none
-            return
-
-        def require_grads_if_the_tower_trains(module, inputs, output):
-            if any(parameter.requires_grad for parameter in tower.parameters()):
-                output.requires_grad_(True)
-
-        for i, handle in enumerate(self._require_grads_hooks):
-            if handle.hooks_dict_ref() is tower_embeddings._forward_hooks:
-                handle.remove()
-                self._require_grads_hooks[i] = tower_embeddings.register_forward_hook(require_grads_if_the_tower_trains)
-        self._require_grads_hook = self._require_grads_hooks[0]
-
 
 class AlignGPTModel(AlignGPTPreTrainedModel):
     """Vision tower + projector + alignment embeddings and gate + language model, without the LM head."""
@@ -190,7 +166,17 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
     ) -> BaseModelOutputWithPooling:
         """Runs the tower and the projector. `pooler_output`: (num_images, num_image_tokens, hidden)."""
         kwargs.pop("return_dict", None)
-        image_outputs = self.vision_tower(pixel_values, return_dict=True, **kwargs)
+        # A frozen tower (both AlignGPT phases freeze it) runs without autograd: no graph kept, no recompute under
+        # activation checkpointing (transformers skips it without gradients) and no backward, even where PEFT / TRL
+        # made its patch embeddings require gradients (`enable_input_require_grads` hooks every sub-model's input
+        # embeddings). Looked at only when gradients are on, so inference pays nothing for the check.
+        frozen = (
+            torch.is_grad_enabled()
+            and not pixel_values.requires_grad
+            and not any(parameter.requires_grad for parameter in self.vision_tower.parameters())
+        )
+        with torch.no_grad() if frozen else contextlib.nullcontext():
+            image_outputs = self.vision_tower(pixel_values, return_dict=True, **kwargs)
         layers = [vision_feature_layer] if isinstance(vision_feature_layer, int) else vision_feature_layer
         selected = [image_outputs.hidden_states[layer] for layer in layers]
         if vision_feature_select_strategy == "default":
@@ -391,8 +377,9 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         # the masked mean as one batched matmul, without a (batch, seq, hidden) temporary; with the row's token
         # count already on the host, the division is the matmul's `alpha` (2 kernels fewer)
         if one_row and gate_text_counts is not None:
+            ignored = inputs_embeds.detach()[:, :1]  # (beta=0: baddbmm's `input` is not read; kept out of autograd)
             text_mean = torch.baddbmm(
-                inputs_embeds[:, :1], weights.unsqueeze(1), inputs_embeds, beta=0, alpha=1 / max(gate_text_counts[0], 1)
+                ignored, weights.unsqueeze(1), inputs_embeds, beta=0, alpha=1 / max(gate_text_counts[0], 1)
             ).squeeze(1)
         else:
             text_sum = torch.bmm(weights.unsqueeze(1), inputs_embeds).squeeze(1)
@@ -476,13 +463,14 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
             gate_runs = alignment_levels is None and self.config.alignment_mode in ("adaptive", "local")
             if self.config.gate_text_scope != "prompt":
                 gate_text_mask = None  # "conversation": every text token, whatever the batch carries
-            elif gate_runs and gate_text_mask is None and self.training:
+            elif gate_runs and gate_text_mask is None and self.training and not is_tracing():
                 logger.warning_once(
-                    "gate_text_scope='prompt': this training forward got no gate_text_mask, so the gate averaged the "
-                    "whole conversation, answers included, unlike at inference. Trainers that compute the loss "
-                    "outside the model (TRL's SFTTrainer with its fused LM head) never pass the labels to it: build "
-                    "batches with AlignGPTInstructionCollator (`aligngpt sft`, `make_sft_trainer`), or with TRL's "
-                    "collator and assistant_only_loss=True (the processor then returns gate_text_mask)."
+                    "gate_text_scope='prompt': this training forward got neither labels nor gate_text_mask, so the "
+                    "gate averaged every text token, answers included, unlike at inference. Pass gate_text_mask (True "
+                    "on the prompt tokens) with the batch. Trainers that compute the loss outside the model, like "
+                    "TRL's SFTTrainer (fused LM head), never hand it the labels: AlignGPTInstructionCollator "
+                    "(`aligngpt sft`, `make_sft_trainer`) adds the mask, and so does the processor when TRL's collator "
+                    "asks for assistant masks (assistant_only_loss=True)."
                 )
             gate_text = (
                 self.gate_text_tokens(image_mask, align_mask, attention_mask, gate_text_mask) if gate_runs else None

@@ -8,7 +8,6 @@ What the processor adds to a prompt (the model never changes the sequence length
 
 from collections.abc import Mapping
 
-import torch
 from PIL import UnidentifiedImageError
 from transformers import ProcessorMixin
 
@@ -174,9 +173,7 @@ class AlignGPTProcessor(ProcessorMixin):
         out = super().apply_chat_template(conversation, chat_template, **kwargs)
         if kwargs.get("return_assistant_tokens_mask") and isinstance(out, Mapping) and "assistant_masks" in out:
             masks = out["assistant_masks"]
-            out["gate_text_mask"] = (
-                masks == 0 if isinstance(masks, torch.Tensor) else [[m == 0 for m in row] for row in masks]
-            )
+            out["gate_text_mask"] = [[m == 0 for m in row] for row in masks] if isinstance(masks, list) else masks == 0
         return out
 
     def _process_images(self, images, **kwargs):
