@@ -30,28 +30,32 @@ step() {  # step NAME SECONDS COMMAND...
   grep -iE "error|Traceback" "$OUT/$name.log" | tail -n 5
 }
 
-# SET=followup: the second, shorter call of a session (~240 s; one try needed over 100 s for the QLoRA part): where
-# the QLoRA throughput gap goes (paired rounds with the other build order, then one profiled step per model) and the
-# batch-1 forward / default-path generation with more repeats (the full run's 4 repeats of the default path were too
-# few to tell noise from cost).
+# SET=followup: a second, shorter call (~100 s): the batch-1 forward and default-path generation with more repeats
+# (the full run's 4 repeats of the default path were too few to tell noise from cost).
+# SET=scoring: issue 4's CLIP scoring benchmark alone (its goal is met: 1,043 pairs/s on an H100, BENCHMARKS.md).
 if [ "${SET:-all}" = followup ]; then
-  step qlora_profile ${QLORA_S:-140} python3 benchmarks/bench_qlora.py --paired 2 --steps 6 --warmup 2 \
-    --paired-first llava --profile-step
   step model_b1 ${MODEL_S:-85} python3 benchmarks/bench_model.py --device cuda --shapes 7b --cases forward,generate \
     --paths default --gen-batches 1 --gen-repeats 10 --repeats 21 --budget-s $(( ${MODEL_S:-85} - 10 )) \
     --out "$OUT/bench_7b_b1.jsonl"
   exit 0
 fi
+if [ "${SET:-all}" = scoring ]; then
+  # end to end with the torchvision image processor and the compiled tower; decoding per backend
+  # (24,576 pairs: at 8,192 the 3-4 s pipeline fill dominated; steady_pairs_per_s leaves it out)
+  step score_pairs ${SCORE_S:-150} python3 benchmarks/bench_score_pairs.py --device cuda --model-config large \
+    --num-pairs 24576 --decode-pairs 4096 --batch-size 256 --num-workers 15 --image-backend torchvision --compile \
+    --measure-decode --decode-backends pil,torchvision
+  exit 0
+fi
 
-# (budget: one device call of at most 600 s; the defaults sum to 550 s, the wheel install takes ~15 s)
-# 1. issue 5: tokens/s of AlignGPT vs LLaVA QLoRA, both resident, alternating blocks (paired ratios)
-step qlora ${QLORA_S:-150} python3 benchmarks/bench_qlora.py --paired 6 --steps 10 --warmup 2
-# 2. issue 7: 7B forward / train / generate ratios, the gate's in-forward share, alignment-path ops (no --explain:
+# (budget: one device call of at most 600 s; the limits sum to 490 s, the wheel install takes ~15 s; the H100 run of
+# 2026-11-26 needed 512 s with the scoring step that now has its own SET)
+# 1. issue 5: tokens/s of AlignGPT vs LLaVA QLoRA, both resident, alternating blocks (paired ratios), then one
+# profiled step per model: the kernels whose GPU time differs most (where a gap goes)
+step qlora ${QLORA_S:-170} python3 benchmarks/bench_qlora.py --paired 6 --steps 10 --warmup 2 --profile-step
+# 2. issue 5: AlignGPT's peak memory on this GPU, alone in its process (the goal: at most 6.0 GiB allocated)
+step qlora_memory ${QLORA_MEMORY_S:-70} python3 benchmarks/bench_qlora.py --runs aligngpt:lean --steps 3 --warmup 2
+# 3. issue 7: 7B forward / train / generate ratios, the gate's in-forward share, alignment-path ops (no --explain:
 # the compiled case records its graph breaks and their reasons itself; the time goes to batch-32 compiled)
 step model ${MODEL_S:-250} python3 benchmarks/bench_model.py --device cuda --shapes 7b --profile \
   --profile-batch 1 --budget-s $(( ${MODEL_S:-250} - 20 )) --out "$OUT/bench_7b.jsonl"
-# 3. issue 4: end to end with the torchvision image processor and the compiled tower; decoding per backend
-# (24,576 pairs: at 8,192 the 3-4 s pipeline fill dominated; steady_pairs_per_s leaves it out)
-step score_pairs ${SCORE_S:-150} python3 benchmarks/bench_score_pairs.py --device cuda --model-config large \
-  --num-pairs 24576 --decode-pairs 4096 --batch-size 256 --num-workers 15 --image-backend torchvision --compile --measure-decode \
-  --decode-backends pil,torchvision
