@@ -254,6 +254,6 @@ def tiny_checkpoint(tmp_path_factory, config, processor):
     """A saved random tiny AlignGPT (code + auto_map) with its processor."""
     path = tmp_path_factory.mktemp("tiny-aligngpt")
     torch.manual_seed(0)
-    AlignGPTForConditionalGeneration(config).save_pretrained(path)
+    AlignGPTForConditionalGeneration(copy.deepcopy(config)).save_pretrained(path)
     processor.save_pretrained(path)
     return path

@@ -642,6 +642,9 @@ def test_trl_sft_cli_on_a_saved_checkpoint(tiny_checkpoint, instruction_dataset,
     result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "'loss'" in result.stdout + result.stderr
+    # TRL's fused LM head never hands the labels to the model: the prompt-scoped gate got its mask from the processor
+    assert json.loads((tiny_checkpoint / "config.json").read_text())["gate_text_scope"] == "prompt"
+    assert "got neither labels nor gate_text_mask" not in result.stdout + result.stderr
     saved = tmp_path / "out" / ("adapter_model.safetensors" if quantised else "model.safetensors")
     assert saved.exists()
 
