@@ -25,10 +25,10 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_model as bm  # noqa: E402
+from common import OpLog  # noqa: E402
 
 
 def capture_decode_step(model, batch) -> tuple:
@@ -50,18 +50,6 @@ def capture_decode_step(model, batch) -> tuple:
     return calls[1]
 
 
-class _CountOps(TorchDispatchMode):
-    """Counts the aten ops dispatched inside the block (on a GPU, each non-view op is a kernel launch)."""
-
-    def __init__(self):
-        super().__init__()
-        self.counts = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
-
-
 def default_path_steps(models: dict, batches: dict, repeats: int) -> dict:
     """Default-cache greedy decoding (transformers' plain `generate`): aten ops per decoding step (from a 10- and a
     2-token generate: 8 steps apart) and host time per token (34 vs 2 tokens, interleaved, median), per model."""
@@ -74,9 +62,9 @@ def default_path_steps(models: dict, batches: dict, repeats: int) -> dict:
         gen(name, 2)
         counts = []
         for n in (2, 10):
-            with _CountOps() as mode:
+            with OpLog() as log:
                 gen(name, n)
-            counts.append(mode.counts)
+            counts.append(collections.Counter(log.ops))
         steps = counts[1].copy()
         steps.subtract(counts[0])
         ops[name] = {k: v / 8 for k, v in steps.items() if v}

@@ -40,7 +40,7 @@ from torch import nn
 from transformers import CLIPVisionConfig, CompileConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Recorder, compare, log, machine_info, ratios, synchronize, time_call
+from common import OpLog, Recorder, compare, log, machine_info, ratios, synchronize, time_call
 
 try:
     from transformers_aligngpt import AlignGPTConfig, AlignGPTForConditionalGeneration
@@ -579,17 +579,6 @@ def case_profile(args, rec, aligngpt, dtype, image_size, num_image_tokens):
             alignment_path(inner, batch["input_ids"], batch["attention_mask"], image_features)
         with profile(activities=activities) as prof:
             alignment_path(inner, batch["input_ids"], batch["attention_mask"], image_features)
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        class OpLog(TorchDispatchMode):
-            def __init__(self):
-                super().__init__()
-                self.ops = []
-
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                self.ops.append(func.overloadpacket.__name__)
-                return func(*args, **(kwargs or {}))
-
         with OpLog() as oplog:
             alignment_path(inner, batch["input_ids"], batch["attention_mask"], image_features)
         compute_ops = [op for op in oplog.ops if op not in VIEW_OPS]

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def cpu_model_name() -> str:
@@ -80,6 +81,19 @@ def machine_info(device: str) -> dict:
         info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
         info["cuda"] = torch.version.cuda
     return info
+
+
+class OpLog(TorchDispatchMode):
+    """Names of the aten ops dispatched inside the `with` block, in order (on a GPU each non-view op is a kernel
+    launch; `collections.Counter(log.ops)` counts them by name)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
 
 
 def synchronize(device: str) -> None:
