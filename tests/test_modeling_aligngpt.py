@@ -263,6 +263,9 @@ def test_prompt_gate_scope_ignores_answers(model, processor, images):
         trained_on_all = model(**inputs, labels=labels).alignment_weights
     torch.testing.assert_close(trained_on_prompt, at_inference)
     assert not torch.allclose(trained_on_all, at_inference)
+    model.config.gate_text_scope = "prompt"
+    with pytest.raises(ValueError, match=r"gate_text_mask must have the shape of input_ids"):
+        model(**inputs, gate_text_mask=(labels == -100)[:, :-1])
 
 
 def test_save_load_round_trip_and_auto_classes(model, processor, images, tmp_path):

@@ -463,6 +463,11 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
             gate_runs = alignment_levels is None and self.config.alignment_mode in ("adaptive", "local")
             if self.config.gate_text_scope != "prompt":
                 gate_text_mask = None  # "conversation": every text token, whatever the batch carries
+            elif gate_text_mask is not None and tuple(gate_text_mask.shape) != tuple(image_mask.shape):
+                raise ValueError(
+                    f"gate_text_mask must have the shape of input_ids, (batch, sequence) = {tuple(image_mask.shape)}, "
+                    f"got {tuple(gate_text_mask.shape)}: True on the prompt tokens of each row (e.g. labels == -100)."
+                )
             elif gate_runs and gate_text_mask is None and self.training and not is_tracing():
                 logger.warning_once(
                     "gate_text_scope='prompt': this training forward got neither labels nor gate_text_mask, so the "
