@@ -48,14 +48,15 @@ if [ "${SET:-all}" = scoring ]; then
   exit 0
 fi
 
-# (budget: one device call of at most 600 s; the limits sum to 490 s, the wheel install takes ~15 s; the H100 run of
-# 2026-11-26 needed 512 s with the scoring step that now has its own SET)
+# (budget: one device call of at most 600 s; the limits sum to 560 s, the wheel install takes ~15 s; the second H100
+# run needed 364 s with the memory step for AlignGPT alone and the model step cut short of compiled batch 32 by its
+# 230 s budget: qlora ~150 s, memory ~25 s per model, model ~250 s in full)
 # 1. issue 5: tokens/s of AlignGPT vs LLaVA QLoRA, both resident, alternating blocks (paired ratios), then one
 # profiled step per model: the kernels whose GPU time differs most (where a gap goes)
 step qlora ${QLORA_S:-170} python3 benchmarks/bench_qlora.py --paired 6 --steps 10 --warmup 2 --profile-step
-# 2. issue 5: AlignGPT's peak memory on this GPU, alone in its process (the goal: at most 6.0 GiB allocated)
-step qlora_memory ${QLORA_MEMORY_S:-70} python3 benchmarks/bench_qlora.py --runs aligngpt:lean --steps 3 --warmup 2
+# 2. issue 5: peak memory on this GPU of each model alone in its own process (AlignGPT's goal: at most 6.0 GiB)
+step qlora_memory ${QLORA_MEMORY_S:-100} python3 benchmarks/bench_qlora.py --runs aligngpt:lean,llava:lean --steps 3 --warmup 2
 # 3. issue 7: 7B forward / train / generate ratios, the gate's in-forward share, alignment-path ops (no --explain:
 # the compiled case records its graph breaks and their reasons itself; the time goes to batch-32 compiled)
-step model ${MODEL_S:-250} python3 benchmarks/bench_model.py --device cuda --shapes 7b --profile \
-  --profile-batch 1 --budget-s $(( ${MODEL_S:-250} - 20 )) --out "$OUT/bench_7b.jsonl"
+step model ${MODEL_S:-290} python3 benchmarks/bench_model.py --device cuda --shapes 7b --profile \
+  --profile-batch 1 --budget-s $(( ${MODEL_S:-290} - 20 )) --out "$OUT/bench_7b.jsonl"
