@@ -2,10 +2,12 @@
 
 At batch 1 on a GPU, the alignment path (placeholder masks and checks, text mean, affinities, gate, mix, merge) is
 a chain of small kernels whose arithmetic is negligible: its cost is one launch per op. This script counts the
-non-view aten ops each side dispatches (a `TorchDispatchMode` log, the same on every device) and times both on the
-CPU with tiny widths (LLM hidden 64, tower hidden 32, 576 image tokens), where the per-op host overhead dominates
+non-view aten ops each side dispatches (a `TorchDispatchMode` log) and times both on the CPU with tiny widths (LLM hidden 64, tower hidden 32, 576 image tokens), where the per-op host overhead dominates
 as launch overhead does on a GPU. Both sides run on the same tensors of models that share their weights
-(`bench_model.build_models`), interleaved; one JSON line per batch size.
+(`bench_model.build_models`), interleaved; one JSON line per batch size. On the CPU every op is a host op: AlignGPT's
+placeholder bookkeeping, which runs on the CPU even for a GPU model (`AlignGPTModel.placeholders_on_host`: one copy
+of the ids over, two copies back), is counted here with the rest; `bench_model.py --profile` on a GPU counts the ops
+that reach the device.
 
     python benchmarks/bench_alignment_path.py [--batches 1,4] [--repeats 300] [--dtype bfloat16]
 """
@@ -47,9 +49,17 @@ def main(argv=None):
                 pixel_values=inputs["aligngpt"]["pixel_values"], return_dict=True).pooler_output)).to(dtype)
             a_ids, a_mask = inputs["aligngpt"]["input_ids"], inputs["aligngpt"]["attention_mask"]
             l_ids = inputs["llava"]["input_ids"]
+            inner, embeds = aligngpt.model, aligngpt.model.get_input_embeddings()(a_ids)
+            num_images, num_patches = features.shape[:2]
             sides = {
-                "aligngpt": lambda: bm.alignment_path(aligngpt.model, a_ids, a_mask, features),
+                "aligngpt": lambda: bm.alignment_path(inner, a_ids, a_mask, features),
                 "llava": lambda: bm.llava_merge(llava.model, l_ids, features),
+                # the placeholder bookkeeping alone, as the eager forward does it (on the host) and as the device
+                # path does it (masks, gate tokens, one host copy of the counts and the checks, the cast)
+                "bookkeeping_host": lambda: inner.placeholders_on_host(
+                    a_ids, a_mask, None, None, num_images, num_patches, True, dtype),
+                "bookkeeping_device": lambda: bm.device_bookkeeping(inner, a_ids, embeds, a_mask, num_images,
+                                                                    num_patches),
             }
             ops = {}
             for name, fn in sides.items():
@@ -71,6 +81,10 @@ def main(argv=None):
             "aligngpt_ops": len(ops["aligngpt"]), "llava_ops": len(ops["llava"]),
             "aligngpt_us": round(med["aligngpt"], 1), "llava_us": round(med["llava"], 1),
             "extra_us": round(med["aligngpt"] - med["llava"], 1),
+            "bookkeeping_host_us": round(med["bookkeeping_host"], 1),
+            "bookkeeping_device_path_us": round(med["bookkeeping_device"], 1),
+            "bookkeeping_host_ops": len(ops["bookkeeping_host"]),
+            "bookkeeping_device_path_ops": len(ops["bookkeeping_device"]),
             "aligngpt_op_names": " ".join(ops["aligngpt"]),
             "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
         }), flush=True)

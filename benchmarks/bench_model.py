@@ -262,19 +262,28 @@ def generation_rows(batch: int, num_image_tokens: int, seed: int, question_max: 
 
 
 def alignment_path(inner, input_ids, attention_mask, image_features):
-    """AlignGPTModel.forward's work between the vision tower and the LLM, with the model's own methods:
-    placeholder masks and checks, `compute_alignment_vectors` (text mean, affinities, gate, mix), the image
+    """AlignGPTModel.forward's work around the vision tower, with the model's own methods: placeholder masks and
+    checks (`locate_placeholders`), `compute_alignment_vectors` (text mean, affinities, gate, mix), the image
     `masked_scatter` and the `where` that writes each row's alignment vector."""
     inputs_embeds = inner.get_input_embeddings()(input_ids)
-    image_mask, align_mask = inner.get_placeholder_masks(input_ids, inputs_embeds)
     num_images, num_patches = image_features.shape[:2]
-    gate_text = inner.gate_text_tokens(image_mask, align_mask, attention_mask, None)
-    counts = inner.check_placeholders(image_mask, align_mask, num_images, num_patches, None, gate_text)
+    image_mask, align_mask, gate_text, counts = inner.locate_placeholders(
+        input_ids, inputs_embeds, attention_mask, None, None, num_images, num_patches, True
+    )
     vectors, _ = inner.compute_alignment_vectors(
         image_features, inputs_embeds, image_mask, align_mask, attention_mask, None, None, gate_text, counts
     )
     merged = inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), image_features)
     return torch.where(align_mask.unsqueeze(-1), vectors.to(merged.dtype).unsqueeze(1), merged)
+
+
+def device_bookkeeping(inner, input_ids, inputs_embeds, attention_mask, num_images, num_patches):
+    """The placeholder masks, checks and gate tokens as the device path computes them (traced forwards and
+    `inputs_embeds` use it; the eager forward does the same work on the host: `placeholders_on_host`)."""
+    image_mask, align_mask = inner.get_placeholder_masks(input_ids, inputs_embeds)
+    gate_text = inner.gate_text_tokens(image_mask, align_mask, attention_mask, None)
+    counts = inner.check_placeholders(image_mask, align_mask, num_images, num_patches, None, gate_text)
+    return image_mask, align_mask, gate_text.to(inputs_embeds.dtype), counts
 
 
 def llava_merge(inner, input_ids, image_features):
@@ -581,7 +590,10 @@ def case_profile(args, rec, aligngpt, dtype, image_size, num_image_tokens):
             alignment_path(inner, batch["input_ids"], batch["attention_mask"], image_features)
         with OpLog() as oplog:
             alignment_path(inner, batch["input_ids"], batch["attention_mask"], image_features)
-        compute_ops = [op for op in oplog.ops if op not in VIEW_OPS]
+        # the ops on the model's device (on a GPU: the launches and copies; the model's CPU-side bookkeeping is out)
+        device_ops = oplog.on(torch.device(args.device).type)
+        compute_ops = [op for op in device_ops if op not in VIEW_OPS]
+        host_ops = [op for op in oplog.ops if op not in VIEW_OPS] if not args.device.startswith("cpu") else []
         synchronize(args.device)
         events = prof.key_averages()
         log(f"\n=== alignment path, batch {args.profile_batch} (aten ops) ===")
@@ -592,6 +604,7 @@ def case_profile(args, rec, aligngpt, dtype, image_size, num_image_tokens):
         rec.emit(case="profile_alignment_path", model="aligngpt", batch=args.profile_batch,
                  distinct_aten_ops=len(ops), aten_calls=sum(e.count for e in ops),
                  compute_ops=len(compute_ops), compute_op_names=" ".join(compute_ops),
+                 all_ops_with_cpu_side=len(host_ops) or None,
                  host_syncs={k: next(e.count for e in events if e.key == k) for k in set(syncs)})
         aligngpt(**batch, use_cache=False, logits_to_keep=1)
         with profile(activities=activities) as prof:

@@ -84,16 +84,24 @@ def machine_info(device: str) -> dict:
 
 
 class OpLog(TorchDispatchMode):
-    """Names of the aten ops dispatched inside the `with` block, in order (on a GPU each non-view op is a kernel
-    launch; `collections.Counter(log.ops)` counts them by name)."""
+    """Names of the aten ops dispatched inside the `with` block, in order (on a GPU each non-view op on a GPU tensor
+    is a kernel launch or a copy; `collections.Counter(log.ops)` counts them by name), and the device types each op
+    touched (its tensor inputs and outputs): `log.on("cuda")` leaves out the ops the model runs on the CPU."""
 
     def __init__(self):
         super().__init__()
         self.ops: list[str] = []
+        self.devices: list[set[str]] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
         self.ops.append(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
+        leaves = torch.utils._pytree.tree_leaves((args, kwargs, out))
+        self.devices.append({leaf.device.type for leaf in leaves if isinstance(leaf, torch.Tensor)})
+        return out
+
+    def on(self, device_type: str) -> list[str]:
+        return [op for op, devices in zip(self.ops, self.devices) if device_type in devices]
 
 
 def synchronize(device: str) -> None:

@@ -554,3 +554,49 @@ def test_gate_text_counts_stay_exact_with_a_half_precision_attention_mask(model,
     _, expected_weights, _ = reference_alignment_vector(model, input_ids, pixel_values)
     torch.testing.assert_close(exact.alignment_weights, expected_weights, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(half.alignment_weights, exact.alignment_weights, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_placeholder_bookkeeping_on_the_host_equals_the_device_path(model, processor, images, monkeypatch,
+                                                                     padding_side):
+    # The eager forward locates placeholders, checks them and builds the gate's text tokens on the CPU (fewer device
+    # ops); traced forwards and TRANSFORMERS_DISABLE_TORCH_CHECK=1 do it on the device. Both must feed the model the
+    # same masks, gate tokens and counts, for padded rows with 2, 0 and 1 images, with the prompt-only gate scope.
+    def chat_row(n, question, answer):
+        content = [{"type": "image"}] * n + [{"type": "text", "text": question}]
+        return processor.apply_chat_template([{"role": "user", "content": content},
+                                              {"role": "assistant", "content": answer}])
+
+    texts = [chat_row(2, "Compare the two pictures.", "Both are squares."), chat_row(0, "What is 2 plus 3?", "5"),
+             chat_row(1, "What colour is it?", "Red, mostly, with a darker border.")]
+    processor.tokenizer.padding_side = padding_side
+    try:
+        batch = processor(images=images[:2] + images[1:2], text=texts, return_tensors="pt", padding=True)
+    finally:
+        processor.tokenizer.padding_side = "left"
+    labels = batch["input_ids"].clone()
+    labels[:, : labels.shape[1] // 2] = -100
+    inner, ids, mask = model.model, batch["input_ids"], batch["attention_mask"]
+    prompt = labels == -100
+    embeds = inner.get_input_embeddings()(ids)
+    num_patches = model.config.num_image_tokens
+    host = inner.locate_placeholders(ids, embeds, mask, prompt, None, 3, num_patches, True)
+    monkeypatch.setenv("TRANSFORMERS_DISABLE_TORCH_CHECK", "1")
+    device = inner.locate_placeholders(ids, embeds, mask, prompt, None, 3, num_patches, True)
+    assert host[2].dtype == embeds.dtype and device[3] is None
+    for on_host, on_device in zip(host[:3], device[:3]):
+        assert torch.equal(on_host, on_device.to(on_host.dtype))
+    assert host[3] == device[2].sum(-1).tolist() and all(count > 0 for count in host[3][::2])
+    with torch.no_grad():
+        from_device = model(**batch, labels=labels)
+        monkeypatch.delenv("TRANSFORMERS_DISABLE_TORCH_CHECK")
+        from_host = model(**batch, labels=labels)
+        one_row = {key: value[2:] for key, value in batch.items() if key != "pixel_values"}
+        one_row_host = model(**one_row, pixel_values=batch["pixel_values"][2:])
+        monkeypatch.setenv("TRANSFORMERS_DISABLE_TORCH_CHECK", "1")
+        one_row_device = model(**one_row, pixel_values=batch["pixel_values"][2:])
+    torch.testing.assert_close(from_host.logits, from_device.logits, atol=0, rtol=0)
+    torch.testing.assert_close(from_host.alignment_weights, from_device.alignment_weights, atol=0, rtol=0)
+    # one row: the host count makes the text mean one baddbmm; the device path divides by a device sum
+    torch.testing.assert_close(one_row_host.alignment_weights, one_row_device.alignment_weights, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(one_row_host.logits, one_row_device.logits, atol=1e-5, rtol=1e-5)

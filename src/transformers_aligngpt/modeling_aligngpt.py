@@ -254,22 +254,8 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
                 f"{tuple(pixel_values.shape)}. Preprocess images with the model's AlignGPTProcessor."
             )
 
-    def check_placeholders(
-        self, image_mask, align_mask, num_images, num_patches, alignment_levels, gate_text=None
-    ) -> list | None:
-        """Placeholder counts against the images, exactly one `<align>` in each image row and none elsewhere, and the
-        alignment levels' range. Eager: one small device-to-host copy (this forward's one sync) and the checks in
-        Python; traced (torch.compile / export): `torch_compilable_check`s, which are also the compiler's hints.
-
-        `gate_text` ((batch, seq), from [`gate_text_tokens`]) rides along in the same copy: the per-row number of
-        tokens the gate averages is returned (a list), so that the text mean needs no reduction on the device.
-        None when nothing was copied (traced, checks disabled, or no `gate_text`)."""
+    def _placeholder_messages(self, num_images, num_patches) -> tuple[str, str, str]:
         levels = self.config.num_alignment_levels
-        batch_size = image_mask.shape[0]
-        if alignment_levels is not None and alignment_levels.numel() != batch_size:
-            raise ValueError(
-                f"alignment_levels needs one level per row ({batch_size}), got {alignment_levels.numel()}."
-            )
         count_message = (
             "The number of <image> placeholder tokens does not match the images: {found} <image> tokens for "
             f"{num_images} images, which need {num_images} x {num_patches}. Build inputs with AlignGPTProcessor "
@@ -284,36 +270,133 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
             f"alignment_levels must lie in 0..{levels - 1} (one per row); bucket the CLIP scores with "
             f"`assign_levels(scores, num_levels={levels})`{{found}}."
         )
+        return count_message, align_message, level_message
+
+    def _check_counts(self, image_tokens: list, align_tokens: list, levels: list | None, num_images, num_patches):
+        """The placeholder checks in Python, on per-row counts already on the host (messages built only on failure:
+        this runs in every forward)."""
+        if sum(image_tokens) != num_images * num_patches:
+            count_message = self._placeholder_messages(num_images, num_patches)[0]
+            raise ValueError(count_message.format(found=sum(image_tokens)))
+        bad_rows = [row for row, (images, aligns) in enumerate(zip(image_tokens, align_tokens)) if aligns != (images > 0)]
+        if bad_rows:
+            align_message = self._placeholder_messages(num_images, num_patches)[1]
+            raise ValueError(align_message.format(rows=f" (rows {bad_rows[:8]} break this)"))
+        if levels is not None:
+            bad_levels = sorted({v for v in levels if not 0 <= v < self.config.num_alignment_levels})
+            if bad_levels:
+                level_message = self._placeholder_messages(num_images, num_patches)[2]
+                raise ValueError(level_message.format(found=f", got {bad_levels[:8]}"))
+
+    def _check_level_count(self, alignment_levels, batch_size):
+        if alignment_levels is not None and alignment_levels.numel() != batch_size:
+            raise ValueError(
+                f"alignment_levels needs one level per row ({batch_size}), got {alignment_levels.numel()}."
+            )
+
+    def check_placeholders(
+        self, image_mask, align_mask, num_images, num_patches, alignment_levels, gate_text=None
+    ) -> list | None:
+        """Placeholder counts against the images, exactly one `<align>` in each image row and none elsewhere, and the
+        alignment levels' range, from the masks on the device. Eager: one small device-to-host copy and the checks in
+        Python; traced (torch.compile / export): `torch_compilable_check`s, which are also the compiler's hints.
+        (The eager forward with `input_ids` uses [`placeholders_on_host`] instead, which needs fewer device ops.)
+
+        `gate_text` ((batch, seq), from [`gate_text_tokens`]) rides along in the same copy: the per-row number of
+        tokens the gate averages is returned (a list), so that the text mean needs no reduction on the device.
+        None when nothing was copied (traced, checks disabled, or no `gate_text`)."""
+        self._check_level_count(alignment_levels, image_mask.shape[0])
         if is_tracing():  # (no host copy, so no text counts either)
+            count_message, align_message, level_message = self._placeholder_messages(num_images, num_patches)
             image_tokens = image_mask.sum(-1)
             torch_compilable_check(
                 image_tokens.sum() == num_images * num_patches, count_message.format(found="a different number of")
             )
             torch_compilable_check((align_mask.sum(-1) == (image_tokens > 0)).all(), align_message.format(rows=""))
             if alignment_levels is not None:
+                levels = self.config.num_alignment_levels
                 torch_compilable_check(
                     ((alignment_levels >= 0) & (alignment_levels < levels)).all(), level_message.format(found="")
                 )
             return None
-        if os.getenv("TRANSFORMERS_DISABLE_TORCH_CHECK", "0") == "1":  # transformers' switch for sync-free checks
+        if not self._host_checks_enabled():
             return None
-        # per-row counts (and levels, or the gate's text tokens) to the host in one copy: fewer kernels than
-        # reducing them on the device (stack promotes the masks to a common dtype)
-        counts = torch.stack([image_mask, align_mask] + ([gate_text] if gate_text is not None else [])).sum(-1)
+        # per-row counts (and levels, or the gate's text tokens) to the host in one copy (stack promotes the masks to
+        # a common dtype; a floating gate_text holds 0/1, summed exactly in float32)
+        counts = torch.stack([image_mask, align_mask] + ([gate_text] if gate_text is not None else []))
+        counts = counts.sum(-1, dtype=torch.float32 if counts.is_floating_point() else None)
         if alignment_levels is not None:
             counts = torch.cat([counts, alignment_levels.view(1, -1).to(counts.device, counts.dtype)])
-        counts = counts.tolist()
-        image_tokens, align_tokens = counts[0], counts[1]
-        if sum(image_tokens) != num_images * num_patches:
-            raise ValueError(count_message.format(found=sum(image_tokens)))
-        bad_rows = [r for r in range(batch_size) if align_tokens[r] != (image_tokens[r] > 0)]
-        if bad_rows:
-            raise ValueError(align_message.format(rows=f" (rows {bad_rows[:8]} break this)"))
-        if alignment_levels is not None:
-            bad_levels = sorted({v for v in counts[-1] if not 0 <= v < levels})
-            if bad_levels:
-                raise ValueError(level_message.format(found=f", got {bad_levels[:8]}"))
+        counts = [[int(v) for v in row] for row in counts.tolist()]
+        self._check_counts(
+            counts[0], counts[1], counts[-1] if alignment_levels is not None else None, num_images, num_patches
+        )
         return counts[2] if gate_text is not None else None
+
+    def locate_placeholders(
+        self, input_ids, inputs_embeds, attention_mask, gate_text_mask, alignment_levels, num_images, num_patches,
+        gate_runs,
+    ):
+        """`(image_mask, align_mask, gate_text, gate_text_counts)` for the forward, after the placeholder checks:
+        on the host with [`placeholders_on_host`] in eager mode with `input_ids`, else on the device
+        ([`get_placeholder_masks`], [`gate_text_tokens`], [`check_placeholders`]). `gate_text` is None when the gate
+        does not run; `gate_text_counts` (per-row, on the host) when nothing was copied."""
+        if input_ids is not None and not is_tracing() and self._host_checks_enabled():
+            return self.placeholders_on_host(
+                input_ids, attention_mask, gate_text_mask, alignment_levels, num_images, num_patches, gate_runs,
+                inputs_embeds.dtype,
+            )
+        image_mask, align_mask = self.get_placeholder_masks(input_ids, inputs_embeds)
+        gate_text = self.gate_text_tokens(image_mask, align_mask, attention_mask, gate_text_mask) if gate_runs else None
+        gate_text_counts = self.check_placeholders(
+            image_mask, align_mask, num_images, num_patches, alignment_levels, gate_text
+        )
+        return image_mask, align_mask, gate_text, gate_text_counts
+
+    @staticmethod
+    def _host_checks_enabled() -> bool:
+        # transformers' switch for sync-free checks: no host copy at all
+        return os.getenv("TRANSFORMERS_DISABLE_TORCH_CHECK", "0") != "1"
+
+    def placeholders_on_host(
+        self, input_ids, attention_mask, gate_text_mask, alignment_levels, num_images, num_patches, gate_runs, dtype
+    ):
+        """The eager forward's placeholder bookkeeping, done on the CPU: `(image_mask, align_mask, gate_text,
+        gate_text_counts)` as [`get_placeholder_masks`], [`gate_text_tokens`] and [`check_placeholders`] give them,
+        `gate_text` already in `dtype` (None when the gate does not run).
+
+        Why on the host: at batch 1 a GPU runs the CLIP tower's kernels faster than Python launches them, so the small
+        ops between the tower and the LLM start on an idle GPU and each costs its launch (~25 us on an H100 host),
+        whatever its arithmetic. Here the ids (with the 2D masks the gate reads) come over in one copy, which the
+        checks need anyway; masks, counts, checks and the gate's text tokens are a few cheap CPU ops on (batch, seq)
+        integers; the masks and the gate's weights go back in two copies: 4 device ops (stack, 3 copies) where the
+        same work on the device takes 10."""
+        device = input_ids.device
+        self._check_level_count(alignment_levels, input_ids.shape[0])
+        # the 2D masks the gate reads ride along in the ids' copy (2D padding masks are 0/1; read as bool, as
+        # transformers does)
+        attention_2d = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+        gate_masks = {"attention": attention_2d, "prompt": gate_text_mask} if gate_runs else {}
+        names = [name for name, mask in gate_masks.items() if mask is not None]
+        rows = [input_ids] + [
+            (mask != 0 if mask.is_floating_point() else mask).to(input_ids.dtype)
+            for mask in (gate_masks[name] for name in names)
+        ]
+        host = (torch.stack(rows) if len(rows) > 1 else input_ids.unsqueeze(0)).cpu()  # (1 to 3, batch, seq)
+        ids, on_host = host[0], {name: host[i] for i, name in enumerate(names, 1)}  # (indexing: unbind is slower)
+        placeholder_masks = torch.stack([ids == self.config.image_token_id, ids == self.config.alignment_token_id])
+        image_tokens, align_tokens = placeholder_masks.sum(-1).tolist()
+        levels = None if alignment_levels is None else alignment_levels.view(-1).tolist()
+        self._check_counts(image_tokens, align_tokens, levels, num_images, num_patches)
+        gate_text = gate_text_counts = None
+        if gate_runs:
+            text = self.gate_text_tokens(
+                placeholder_masks[0], placeholder_masks[1], on_host.get("attention"), on_host.get("prompt")
+            )
+            gate_text_counts = text.sum(-1).tolist()
+            gate_text = text.to(dtype).to(device)  # (cast on the CPU: the copy is a plain memcpy)
+        placeholder_masks = placeholder_masks.to(device)  # (two contiguous (batch, seq) views of one copy)
+        return placeholder_masks[0], placeholder_masks[1], gate_text, gate_text_counts
 
     @staticmethod
     def gate_text_tokens(image_mask, align_mask, attention_mask, gate_text_mask) -> torch.Tensor:
@@ -452,20 +535,20 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         image_outputs = (mm_encoder_outputs or {}).get("image")
         alignment_weights = None
         if image_outputs is not None or pixel_values is not None:
-            image_mask, align_mask = self.get_placeholder_masks(input_ids, inputs_embeds)
             # all checks on the inputs come before the vision tower runs
             if image_outputs is None:
                 self.check_pixel_values(pixel_values)
                 num_images, num_patches = pixel_values.shape[0], self.config.num_image_tokens
             else:
                 num_images, num_patches = len(image_outputs.pooler_output), image_outputs.pooler_output[0].shape[0]
-            # the gate's text tokens, when the gate will run, so that their counts share the checks' one host copy
+            # the gate runs (and needs its text tokens, found with the placeholders) unless levels are given
             gate_runs = alignment_levels is None and self.config.alignment_mode in ("adaptive", "local")
             if self.config.gate_text_scope != "prompt":
                 gate_text_mask = None  # "conversation": every text token, whatever the batch carries
-            elif gate_text_mask is not None and tuple(gate_text_mask.shape) != tuple(image_mask.shape):
+            elif gate_text_mask is not None and tuple(gate_text_mask.shape) != tuple(inputs_embeds.shape[:2]):
                 raise ValueError(
-                    f"gate_text_mask must have the shape of input_ids, (batch, sequence) = {tuple(image_mask.shape)}, "
+                    f"gate_text_mask must have the shape of input_ids, (batch, sequence) = "
+                    f"{tuple(inputs_embeds.shape[:2])}, "
                     f"got {tuple(gate_text_mask.shape)}: True on the prompt tokens of each row (e.g. labels == -100)."
                 )
             elif gate_runs and gate_text_mask is None and self.training and not is_tracing():
@@ -477,11 +560,9 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
                     "(`aligngpt sft`, `make_sft_trainer`) adds the mask, and so does the processor when TRL's collator "
                     "asks for assistant masks (assistant_only_loss=True)."
                 )
-            gate_text = (
-                self.gate_text_tokens(image_mask, align_mask, attention_mask, gate_text_mask) if gate_runs else None
-            )
-            gate_text_counts = self.check_placeholders(
-                image_mask, align_mask, num_images, num_patches, alignment_levels, gate_text
+            image_mask, align_mask, gate_text, gate_text_counts = self.locate_placeholders(
+                input_ids, inputs_embeds, attention_mask, gate_text_mask, alignment_levels, num_images, num_patches,
+                gate_runs,
             )
             if image_outputs is None:
                 image_outputs = self.get_image_features(
