@@ -35,7 +35,7 @@ step() {  # step NAME SECONDS COMMAND...
 # SET=scoring: issue 4's CLIP scoring benchmark alone (its goal is met: 1,043 pairs/s on an H100, BENCHMARKS.md).
 if [ "${SET:-all}" = followup ]; then
   step model_b1 ${MODEL_S:-85} python3 benchmarks/bench_model.py --device cuda --shapes 7b --cases forward,generate \
-    --paths default --gen-batches 1 --gen-repeats 10 --repeats 21 --budget-s $(( ${MODEL_S:-85} - 10 )) \
+    --paths default --gen-batches 1 --gen-repeats 10 --repeats 41 --budget-s $(( ${MODEL_S:-85} - 10 )) \
     --out "$OUT/bench_7b_b1.jsonl"
   exit 0
 fi

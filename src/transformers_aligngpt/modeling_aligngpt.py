@@ -278,7 +278,8 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         if sum(image_tokens) != num_images * num_patches:
             count_message = self._placeholder_messages(num_images, num_patches)[0]
             raise ValueError(count_message.format(found=sum(image_tokens)))
-        bad_rows = [row for row, (images, aligns) in enumerate(zip(image_tokens, align_tokens)) if aligns != (images > 0)]
+        bad_rows = [row for row, (images, aligns) in enumerate(zip(image_tokens, align_tokens))
+                    if aligns != (images > 0)]
         if bad_rows:
             align_message = self._placeholder_messages(num_images, num_patches)[1]
             raise ValueError(align_message.format(rows=f" (rows {bad_rows[:8]} break this)"))
@@ -394,8 +395,10 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
                 placeholder_masks[0], placeholder_masks[1], on_host.get("attention"), on_host.get("prompt")
             )
             gate_text_counts = text.sum(-1).tolist()
-            gate_text = text.to(dtype).to(device)  # (cast on the CPU: the copy is a plain memcpy)
-        placeholder_masks = placeholder_masks.to(device)  # (two contiguous (batch, seq) views of one copy)
+            gate_text = text.to(dtype).to(device, non_blocking=True)  # (cast on the CPU: the copy is a plain memcpy)
+        # (non_blocking: a blocking host-to-device copy also waits for the stream; from pageable memory the driver
+        # has read the source before the call returns, so nothing here can change under the copy)
+        placeholder_masks = placeholder_masks.to(device, non_blocking=True)  # two contiguous (batch, seq) views
         return placeholder_masks[0], placeholder_masks[1], gate_text, gate_text_counts
 
     @staticmethod
