@@ -263,18 +263,18 @@ def generation_rows(batch: int, num_image_tokens: int, seed: int, question_max: 
 
 def alignment_path(inner, input_ids, attention_mask, image_features):
     """AlignGPTModel.forward's work around the vision tower, with the model's own methods: placeholder masks and
-    checks (`locate_placeholders`), `compute_alignment_vectors` (text mean, affinities, gate, mix), the image
-    `masked_scatter` and the `where` that writes each row's alignment vector."""
+    checks (`locate_placeholders`), `compute_alignment_vectors` (text mean, affinities, gate, mix) and
+    `merge_placeholders` (the image features and each row's alignment vector into the embeddings)."""
     inputs_embeds = inner.get_input_embeddings()(input_ids)
     num_images, num_patches = image_features.shape[:2]
-    image_mask, align_mask, gate_text, counts = inner.locate_placeholders(
+    layout = inner.locate_placeholders(
         input_ids, inputs_embeds, attention_mask, None, None, num_images, num_patches, True
     )
     vectors, _ = inner.compute_alignment_vectors(
-        image_features, inputs_embeds, image_mask, align_mask, attention_mask, None, None, gate_text, counts
+        image_features, inputs_embeds, layout.image_mask, layout.align_mask, attention_mask, None, None,
+        layout.gate_text, layout.gate_text_counts,
     )
-    merged = inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), image_features)
-    return torch.where(align_mask.unsqueeze(-1), vectors.to(merged.dtype).unsqueeze(1), merged)
+    return inner.merge_placeholders(inputs_embeds, image_features, vectors, layout)
 
 
 def device_bookkeeping(inner, input_ids, inputs_embeds, attention_mask, num_images, num_patches):

@@ -583,10 +583,12 @@ def test_placeholder_bookkeeping_on_the_host_equals_the_device_path(model, proce
     host = inner.locate_placeholders(ids, embeds, mask, prompt, None, 3, num_patches, True)
     monkeypatch.setenv("TRANSFORMERS_DISABLE_TORCH_CHECK", "1")
     device = inner.locate_placeholders(ids, embeds, mask, prompt, None, 3, num_patches, True)
-    assert host[2].dtype == embeds.dtype and device[3] is None
-    for on_host, on_device in zip(host[:3], device[:3]):
+    assert host.gate_text.dtype == embeds.dtype and device.gate_text_counts is None and host.spans is None
+    for name in ("image_mask", "align_mask", "gate_text"):
+        on_host, on_device = getattr(host, name), getattr(device, name)
         assert torch.equal(on_host, on_device.to(on_host.dtype))
-    assert host[3] == device[2].sum(-1).tolist() and all(count > 0 for count in host[3][::2])
+    assert host.gate_text_counts == device.gate_text.sum(-1).tolist()
+    assert all(count > 0 for count in host.gate_text_counts[::2])
     with torch.no_grad():
         from_device = model(**batch, labels=labels)
         monkeypatch.delenv("TRANSFORMERS_DISABLE_TORCH_CHECK")
@@ -600,3 +602,62 @@ def test_placeholder_bookkeeping_on_the_host_equals_the_device_path(model, proce
     # one row: the host count makes the text mean one baddbmm; the device path divides by a device sum
     torch.testing.assert_close(one_row_host.alignment_weights, one_row_device.alignment_weights, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(one_row_host.logits, one_row_device.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_one_row_merge_by_slices_equals_the_masked_merge(model, processor, images, monkeypatch):
+    # One row whose images are runs of P tokens: the host path merges with one torch.cat of slices; the device path
+    # (TRANSFORMERS_DISABLE_TORCH_CHECK=1) with masked_scatter + where. The embeddings the LM sees must be identical
+    # (alignment_mode="global": the same alignment vector on both paths, so the merge alone is compared), for one
+    # and for two images; images whose tokens are not one run fall back to the masked merge.
+    def lm_inputs(batch):
+        with torch.no_grad():
+            return embeddings_seen_by_lm(model, batch)[1]
+
+    one = processor(images=images[:1], text=prompts(processor, ["What is shown?"]), return_tensors="pt")
+    two = processor(images=images[:2], text=[processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "and"}, {"type": "image"},
+                                      {"type": "text", "text": "Compare them."}]}], add_generation_prompt=True)],
+        return_tensors="pt")
+    # the first image's tokens split in two runs by a text token
+    split = {key: value.clone() for key, value in one.items()}
+    ids = split["input_ids"][0]
+    first = int((ids == model.config.image_token_id).nonzero()[0, 0])
+    half = model.config.num_image_tokens // 2
+    split["input_ids"] = torch.cat([ids[:first + half], ids[-1:], ids[first + half:]]).unsqueeze(0)
+    split["attention_mask"] = torch.ones_like(split["input_ids"])
+    inner = model.model
+    layouts = [inner.locate_placeholders(b["input_ids"], inner.get_input_embeddings()(b["input_ids"]),
+                                         b["attention_mask"], None, None, len(b["pixel_values"]),
+                                         model.config.num_image_tokens, True) for b in (one, two, split)]
+    assert [len(layout.spans or []) for layout in layouts] == [2, 3, 0]
+    assert layouts[0].image_mask is None and layouts[2].image_mask is not None
+    mode = model.config.alignment_mode
+    model.config.alignment_mode = "global"
+    try:
+        on_host = [lm_inputs(b) for b in (one, two, split)]
+        monkeypatch.setenv("TRANSFORMERS_DISABLE_TORCH_CHECK", "1")
+        on_device = [lm_inputs(b) for b in (one, two, split)]
+    finally:
+        model.config.alignment_mode = mode
+    for host_embeds, device_embeds in zip(on_host, on_device):
+        assert torch.equal(host_embeds, device_embeds)
+
+    # and the same gradients through the merge (projector, alignment table, text embeddings)
+    def grads(batch):
+        model.zero_grad(set_to_none=True)
+        model(**batch, labels=batch["input_ids"]).loss.backward()
+        inner = model.model
+        return [inner.multi_modal_projector.linear_2.weight.grad.clone(),
+                inner.alignment_embeddings.weight.grad.clone(), inner.get_input_embeddings().weight.grad.clone()]
+
+    model.config.alignment_mode = "global"
+    try:
+        masked = grads(one)
+        monkeypatch.delenv("TRANSFORMERS_DISABLE_TORCH_CHECK")
+        sliced = grads(one)
+    finally:
+        model.config.alignment_mode = mode
+        model.zero_grad(set_to_none=True)
+    for grad_sliced, grad_masked in zip(sliced, masked):
+        assert grad_sliced.abs().sum() > 0
+        torch.testing.assert_close(grad_sliced, grad_masked, atol=0, rtol=0)

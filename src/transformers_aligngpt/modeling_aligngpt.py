@@ -70,6 +70,26 @@ def _features_like(image_features, inputs_embeds: torch.Tensor) -> torch.Tensor:
     return image_features.to(inputs_embeds.device, inputs_embeds.dtype)
 
 
+@dataclass
+class PlaceholderLayout:
+    """Where a batch's placeholders are, as the forward needs it ([`AlignGPTModel.locate_placeholders`]).
+
+    image_mask, align_mask: (batch, seq) on the device; None where `spans` makes them unnecessary.
+    gate_text: (batch, seq), the tokens the gate averages (in the embeddings' dtype when made on the host); None
+        when the gate does not run.
+    gate_text_counts: their per-row counts, on the host; None when they were not copied there.
+    spans: one row whose images are each P consecutive tokens: `(position, image index)` of every placeholder run in
+        order, -1 for `<align>`. The merge is then one `torch.cat` of slices (one kernel) instead of `masked_scatter`
+        (a clone, a prefix sum and a scatter) and a `where`.
+    """
+
+    image_mask: torch.BoolTensor | None
+    align_mask: torch.BoolTensor | None
+    gate_text: torch.Tensor | None = None
+    gate_text_counts: list | None = None
+    spans: list | None = None
+
+
 class AlignGPTMultiModalProjector(nn.Module):
     """`mlp2x_gelu` (Linear, GELU, Linear) or `linear` (one Linear): vision width -> LM width."""
 
@@ -337,11 +357,10 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
     def locate_placeholders(
         self, input_ids, inputs_embeds, attention_mask, gate_text_mask, alignment_levels, num_images, num_patches,
         gate_runs,
-    ):
-        """`(image_mask, align_mask, gate_text, gate_text_counts)` for the forward, after the placeholder checks:
-        on the host with [`placeholders_on_host`] in eager mode with `input_ids`, else on the device
-        ([`get_placeholder_masks`], [`gate_text_tokens`], [`check_placeholders`]). `gate_text` is None when the gate
-        does not run; `gate_text_counts` (per-row, on the host) when nothing was copied."""
+    ) -> PlaceholderLayout:
+        """The placeholders' [`PlaceholderLayout`], after the placeholder checks: on the host with
+        [`placeholders_on_host`] in eager mode with `input_ids`, else on the device ([`get_placeholder_masks`],
+        [`gate_text_tokens`], [`check_placeholders`])."""
         if input_ids is not None and not is_tracing() and self._host_checks_enabled():
             return self.placeholders_on_host(
                 input_ids, attention_mask, gate_text_mask, alignment_levels, num_images, num_patches, gate_runs,
@@ -352,7 +371,7 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         gate_text_counts = self.check_placeholders(
             image_mask, align_mask, num_images, num_patches, alignment_levels, gate_text
         )
-        return image_mask, align_mask, gate_text, gate_text_counts
+        return PlaceholderLayout(image_mask, align_mask, gate_text, gate_text_counts)
 
     @staticmethod
     def _host_checks_enabled() -> bool:
@@ -389,17 +408,57 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         image_tokens, align_tokens = placeholder_masks.sum(-1).tolist()
         levels = None if alignment_levels is None else alignment_levels.view(-1).tolist()
         self._check_counts(image_tokens, align_tokens, levels, num_images, num_patches)
-        gate_text = gate_text_counts = None
+        layout = PlaceholderLayout(None, None, spans=self._one_row_spans(placeholder_masks, num_images, num_patches))
+        # (non_blocking: a blocking host-to-device copy also waits for the stream; from pageable memory the driver
+        # has read the source before the call returns, so nothing here can change under the copy)
         if gate_runs:
             text = self.gate_text_tokens(
                 placeholder_masks[0], placeholder_masks[1], on_host.get("attention"), on_host.get("prompt")
             )
-            gate_text_counts = text.sum(-1).tolist()
-            gate_text = text.to(dtype).to(device, non_blocking=True)  # (cast on the CPU: the copy is a plain memcpy)
-        # (non_blocking: a blocking host-to-device copy also waits for the stream; from pageable memory the driver
-        # has read the source before the call returns, so nothing here can change under the copy)
-        placeholder_masks = placeholder_masks.to(device, non_blocking=True)  # two contiguous (batch, seq) views
-        return placeholder_masks[0], placeholder_masks[1], gate_text, gate_text_counts
+            layout.gate_text_counts = text.sum(-1).tolist()
+            layout.gate_text = text.to(dtype).to(device, non_blocking=True)  # (cast on the CPU: a plain memcpy)
+        if layout.spans is None:  # (with spans nothing reads the masks: the one-row gate has its text tokens)
+            placeholder_masks = placeholder_masks.to(device, non_blocking=True)  # two contiguous (batch, seq) views
+            layout.image_mask, layout.align_mask = placeholder_masks[0], placeholder_masks[1]
+        return layout
+
+    @staticmethod
+    def _one_row_spans(placeholder_masks, num_images: int, num_patches: int) -> list | None:
+        """[`PlaceholderLayout.spans`] from the host masks (2, batch, seq) of a one-row batch whose images each take
+        `num_patches` consecutive tokens; None otherwise (the merge then scatters by mask)."""
+        if placeholder_masks.shape[1] != 1 or num_images == 0:
+            return None
+        image_positions = placeholder_masks[0, 0].nonzero().view(num_images, num_patches)
+        starts, ends = image_positions[:, 0].tolist(), image_positions[:, -1].tolist()
+        # sorted positions: num_patches of them spanning num_patches - 1 are consecutive
+        if any(end - start != num_patches - 1 for start, end in zip(starts, ends)):
+            return None
+        align_position = placeholder_masks[1, 0].nonzero().item()
+        return sorted([(align_position, -1)] + [(start, image) for image, start in enumerate(starts)])
+
+    def merge_placeholders(self, inputs_embeds, image_features, alignment_vectors, layout: PlaceholderLayout):
+        """`inputs_embeds` with the image features at the `<image>` placeholders (in order) and each row's alignment
+        vector at its `<align>`. (batch, seq, hidden), image_features (num_images, P, hidden), vectors (batch, hidden).
+        """
+        vectors = alignment_vectors.to(inputs_embeds.dtype)
+        if layout.spans is not None:  # one row: the embeddings between the placeholders, and what fills them
+            pieces, cursor = [], 0
+            num_patches = image_features.shape[1]
+            for position, image in layout.spans:
+                pieces.append(inputs_embeds[:, cursor:position])
+                if image < 0:
+                    pieces.append(vectors.view(1, 1, -1))
+                    cursor = position + 1
+                else:
+                    pieces.append(image_features[image : image + 1])
+                    cursor = position + num_patches
+            pieces.append(inputs_embeds[:, cursor:])
+            return torch.cat(pieces, dim=1)
+        inputs_embeds = inputs_embeds.masked_scatter(layout.image_mask.unsqueeze(-1), image_features)
+        # Each row's vector goes to that row's own <align> position, whichever rows carry one: a `where` over the
+        # batch, as masked_scatter would take the vectors in the order of the rows that have one.
+        return torch.where(layout.align_mask.unsqueeze(-1), vectors.unsqueeze(1), inputs_embeds)
+
 
     @staticmethod
     def gate_text_tokens(image_mask, align_mask, attention_mask, gate_text_mask) -> torch.Tensor:
@@ -563,7 +622,7 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
                     "(`aligngpt sft`, `make_sft_trainer`) adds the mask, and so does the processor when TRL's collator "
                     "asks for assistant masks (assistant_only_loss=True)."
                 )
-            image_mask, align_mask, gate_text, gate_text_counts = self.locate_placeholders(
+            layout = self.locate_placeholders(
                 input_ids, inputs_embeds, attention_mask, gate_text_mask, alignment_levels, num_images, num_patches,
                 gate_runs,
             )
@@ -576,15 +635,10 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
                 )
             image_features = _features_like(image_outputs.pooler_output, inputs_embeds)
             alignment_vectors, alignment_weights = self.compute_alignment_vectors(
-                image_features, inputs_embeds, image_mask, align_mask, attention_mask, alignment_levels,
-                gate_text_mask, gate_text, gate_text_counts,
+                image_features, inputs_embeds, layout.image_mask, layout.align_mask, attention_mask, alignment_levels,
+                gate_text_mask, layout.gate_text, layout.gate_text_counts,
             )
-            inputs_embeds = inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), image_features)
-            # Each row's vector goes to that row's own <align> position, whichever rows carry one: a `where`
-            # over the batch, as masked_scatter would take the vectors in the order of the rows that have one.
-            inputs_embeds = torch.where(
-                align_mask.unsqueeze(-1), alignment_vectors.to(inputs_embeds.dtype).unsqueeze(1), inputs_embeds
-            )
+            inputs_embeds = self.merge_placeholders(inputs_embeds, image_features, alignment_vectors, layout)
         elif input_ids is not None and input_ids.shape[1] > 1:
             # (decode steps, one token each, skip the check: they never hold placeholders)
             torch_compilable_check(
