@@ -342,13 +342,12 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
             return None
         if not self._host_checks_enabled():
             return None
-        # per-row counts (and levels, or the gate's text tokens) to the host in one copy (stack promotes the masks to
-        # a common dtype; a floating gate_text holds 0/1, summed exactly in float32)
-        counts = torch.stack([image_mask, align_mask] + ([gate_text] if gate_text is not None else []))
-        counts = counts.sum(-1, dtype=torch.float32 if counts.is_floating_point() else None)
+        # per-row counts (and levels, or the gate's text tokens) to the host in one copy: fewer kernels than
+        # reducing them on the device (stack promotes the masks to a common dtype)
+        counts = torch.stack([image_mask, align_mask] + ([gate_text] if gate_text is not None else [])).sum(-1)
         if alignment_levels is not None:
             counts = torch.cat([counts, alignment_levels.view(1, -1).to(counts.device, counts.dtype)])
-        counts = [[int(v) for v in row] for row in counts.tolist()]
+        counts = counts.tolist()
         self._check_counts(
             counts[0], counts[1], counts[-1] if alignment_levels is not None else None, num_images, num_patches
         )
@@ -380,17 +379,18 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
 
     def placeholders_on_host(
         self, input_ids, attention_mask, gate_text_mask, alignment_levels, num_images, num_patches, gate_runs, dtype
-    ):
-        """The eager forward's placeholder bookkeeping, done on the CPU: `(image_mask, align_mask, gate_text,
-        gate_text_counts)` as [`get_placeholder_masks`], [`gate_text_tokens`] and [`check_placeholders`] give them,
-        `gate_text` already in `dtype` (None when the gate does not run).
+    ) -> PlaceholderLayout:
+        """The eager forward's placeholder bookkeeping, done on the CPU: the [`PlaceholderLayout`] that
+        [`get_placeholder_masks`], [`gate_text_tokens`] and [`check_placeholders`] give on the device, with
+        `gate_text` already in `dtype`, and `spans` for one row whose images are runs of P tokens.
 
         Why on the host: at batch 1 a GPU runs the CLIP tower's kernels faster than Python launches them, so the small
         ops between the tower and the LLM start on an idle GPU and each costs its launch (~25 us on an H100 host),
         whatever its arithmetic. Here the ids (with the 2D masks the gate reads) come over in one copy, which the
-        checks need anyway; masks, counts, checks and the gate's text tokens are a few cheap CPU ops on (batch, seq)
-        integers; the masks and the gate's weights go back in two copies: 4 device ops (stack, 3 copies) where the
-        same work on the device takes 10."""
+        checks need anyway; masks, counts, checks, the gate's text tokens and the spans are a few cheap CPU ops on
+        (batch, seq) integers; the gate's tokens go back in one copy, and the masks in another only when the merge
+        needs them (several rows). One row: 3 device ops (stack, 2 copies) where the device path takes 10, and the
+        merge is one `cat` instead of `masked_scatter` + `where`."""
         device = input_ids.device
         self._check_level_count(alignment_levels, input_ids.shape[0])
         # the 2D masks the gate reads ride along in the ids' copy (2D padding masks are 0/1; read as bool, as
@@ -458,7 +458,6 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         # Each row's vector goes to that row's own <align> position, whichever rows carry one: a `where` over the
         # batch, as masked_scatter would take the vectors in the order of the rows that have one.
         return torch.where(layout.align_mask.unsqueeze(-1), vectors.unsqueeze(1), inputs_embeds)
-
 
     @staticmethod
     def gate_text_tokens(image_mask, align_mask, attention_mask, gate_text_mask) -> torch.Tensor:
