@@ -409,16 +409,17 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         levels = None if alignment_levels is None else alignment_levels.view(-1).tolist()
         self._check_counts(image_tokens, align_tokens, levels, num_images, num_patches)
         layout = PlaceholderLayout(None, None, spans=self._one_row_spans(placeholder_masks, num_images, num_patches))
-        # (non_blocking: a blocking host-to-device copy also waits for the stream; from pageable memory the driver
-        # has read the source before the call returns, so nothing here can change under the copy)
+        # (non_blocking on CUDA: a blocking host-to-device copy also waits for the stream; from pageable memory the
+        # driver has read the source before the call returns, so nothing here can change under the copy)
+        non_blocking = device.type == "cuda"
         if gate_runs:
             text = self.gate_text_tokens(
                 placeholder_masks[0], placeholder_masks[1], on_host.get("attention"), on_host.get("prompt")
             )
             layout.gate_text_counts = text.sum(-1).tolist()
-            layout.gate_text = text.to(dtype).to(device, non_blocking=True)  # (cast on the CPU: a plain memcpy)
+            layout.gate_text = text.to(dtype).to(device, non_blocking=non_blocking)  # (cast on the CPU: memcpy)
         if layout.spans is None:  # (with spans nothing reads the masks: the one-row gate has its text tokens)
-            placeholder_masks = placeholder_masks.to(device, non_blocking=True)  # two contiguous (batch, seq) views
+            placeholder_masks = placeholder_masks.to(device, non_blocking=non_blocking)  # two (batch, seq) views
             layout.image_mask, layout.align_mask = placeholder_masks[0], placeholder_masks[1]
         return layout
 
