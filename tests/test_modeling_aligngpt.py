@@ -502,6 +502,40 @@ def test_suppressed_placeholder_logits(model, processor, adjacent):
         model.zero_grad(set_to_none=True)
 
 
+@pytest.mark.parametrize("loss_kind", ["cross_entropy", "raw_logits"])
+@pytest.mark.parametrize("adjacent", [True, False])
+def test_suppressed_columns_backward_equals_an_out_of_place_fill(loss_kind, adjacent):
+    # the CPU fill skips autograd's full-gradient copy when the filled columns' gradient is zero (cross-entropy);
+    # gradients must equal those of an out-of-place fill whatever the loss (an independent computation)
+    from transformers_aligngpt.modeling_aligngpt import suppress_placeholder_columns
+
+    torch.manual_seed(0)
+    image_id, align_id = (10, 11) if adjacent else (9, 3)
+    hidden = torch.randn(2, 5, 8, requires_grad=True)
+    weight = torch.randn(12, 8, requires_grad=True)
+    labels = torch.randint(0, 9, (2, 5))
+    labels[labels == 3] = 4  # targets are never placeholders
+    upstream = torch.randn(2, 5, 12)
+
+    def grads(fill):
+        logits = fill(F.linear(hidden, weight))
+        if loss_kind == "cross_entropy":
+            F.cross_entropy(logits.flatten(0, 1), labels.flatten()).backward()
+        else:  # a gradient on every column, the filled ones included
+            logits.backward(upstream)
+        out = (logits.detach().clone(), hidden.grad.clone(), weight.grad.clone())
+        hidden.grad, weight.grad = None, None
+        return out, logits.grad_fn
+
+    lowest = torch.finfo(torch.float32).min
+    reference, _ = grads(lambda x: x.index_fill(-1, torch.tensor([image_id, align_id]), lowest))
+    ours, grad_fn = grads(lambda x: suppress_placeholder_columns(x, image_id, align_id))
+    assert "FillColumnsSkippingZeroGrad" in type(grad_fn).__name__  # the custom backward ran, not the fallback
+    for got, expected in zip(ours, reference):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert (ours[0][..., [image_id, align_id]] == lowest).all()
+
+
 @pytest.mark.parametrize("with_levels", [False, True])
 def test_text_only_batch_in_distributed_training_runs_the_image_branch_for_zero(
     model, processor, monkeypatch, with_levels
