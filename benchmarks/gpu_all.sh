@@ -39,6 +39,16 @@ if [ "${SET:-all}" = followup ]; then
     --out "$OUT/bench_7b_b1.jsonl"
   exit 0
 fi
+# SET=model: issue 7 alone (~420 s): the full 7B model step with a budget that reaches compiled batch 32, then the
+# batch-1 follow-up above (issue 5's QLoRA figures are in BENCHMARKS.md and need no rerun for it).
+if [ "${SET:-all}" = model ]; then
+  step model ${MODEL_S:-320} python3 benchmarks/bench_model.py --device cuda --shapes 7b --profile \
+    --profile-batch 1 --budget-s $(( ${MODEL_S:-320} - 20 )) --out "$OUT/bench_7b.jsonl"
+  step model_b1 ${MODEL_B1_S:-85} python3 benchmarks/bench_model.py --device cuda --shapes 7b --cases forward,generate \
+    --paths default --gen-batches 1 --gen-repeats 10 --repeats 41 --budget-s $(( ${MODEL_B1_S:-85} - 10 )) \
+    --out "$OUT/bench_7b_b1.jsonl"
+  exit 0
+fi
 if [ "${SET:-all}" = scoring ]; then
   # end to end with the torchvision image processor and the compiled tower; decoding per backend
   # (24,576 pairs: at 8,192 the 3-4 s pipeline fill dominated; steady_pairs_per_s leaves it out)
