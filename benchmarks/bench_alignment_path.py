@@ -4,10 +4,11 @@ At batch 1 on a GPU, the alignment path (placeholder masks and checks, text mean
 a chain of small kernels whose arithmetic is negligible: its cost is one launch per op. This script counts the
 non-view aten ops each side dispatches (a `TorchDispatchMode` log) and times both on the CPU with tiny widths (LLM hidden 64, tower hidden 32, 576 image tokens), where the per-op host overhead dominates
 as launch overhead does on a GPU. Both sides run on the same tensors of models that share their weights
-(`bench_model.build_models`), interleaved; one JSON line per batch size. On the CPU every op is a host op: AlignGPT's
-placeholder bookkeeping, which runs on the CPU even for a GPU model (`AlignGPTModel.placeholders_on_host`: one copy
-of the ids over, two copies back), is counted here with the rest; `bench_model.py --profile` on a GPU counts the ops
-that reach the device.
+(`bench_model.build_models`), interleaved; one JSON line per batch size. On the CPU every op is a host op. AlignGPT's
+placeholder bookkeeping runs on the CPU even for a GPU model (`AlignGPTModel.placeholders_on_host`: one copy of the
+ids over, the masks, checks and gate tokens in NumPy, one or two copies back): its NumPy work is no aten op, so it
+shows in the times (`bookkeeping_host_us`) and not in the op counts; `bench_model.py --profile` on a GPU counts the
+ops that reach the device.
 
     python benchmarks/bench_alignment_path.py [--batches 1,4] [--repeats 300] [--dtype bfloat16]
 """

@@ -569,8 +569,9 @@ def case_generate(args, rec, llava, aligngpt, dtype, image_size, num_image_token
         rec.emit(**record)
 
 
+# ops that launch no kernel and copy nothing (views, and `lift_fresh`: a tensor made from a NumPy array)
 VIEW_OPS = {"view", "unsqueeze", "squeeze", "expand", "t", "select", "slice", "transpose", "permute", "as_strided",
-            "alias", "_unsafe_view", "reshape", "detach", "split", "unbind"}
+            "alias", "_unsafe_view", "reshape", "detach", "split", "unbind", "lift_fresh"}
 
 
 def case_profile(args, rec, aligngpt, dtype, image_size, num_image_tokens):

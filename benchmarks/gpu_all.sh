@@ -49,6 +49,18 @@ if [ "${SET:-all}" = model ]; then
     --out "$OUT/bench_7b_b1.jsonl"
   exit 0
 fi
+# SET=path (~150 s): the batch-1 forward case (alignment path, extra token, gate) in two separate processes, with the
+# device-op profile, then compiled batch-1 generation (the 100 tokens/s goal), for issue 7's last two figures.
+if [ "${SET:-all}" = path ]; then
+  for run in 1 2; do
+    step forward_b1_$run 60 python3 benchmarks/bench_model.py --device cuda --shapes 7b --cases forward --profile \
+      --profile-batch 1 --repeats 61 --out "$OUT/bench_7b_forward_b1.jsonl"
+  done
+  step compiled_b1 ${COMPILED_S:-100} python3 benchmarks/bench_model.py --device cuda --shapes 7b --cases generate \
+    --paths static_compiled --gen-batches 1 --gen-repeats 10 --budget-s $(( ${COMPILED_S:-100} - 10 )) \
+    --out "$OUT/bench_7b_compiled_b1.jsonl"
+  exit 0
+fi
 if [ "${SET:-all}" = scoring ]; then
   # end to end with the torchvision image processor and the compiled tower; decoding per backend
   # (24,576 pairs: at 8,192 the 3-4 s pipeline fill dominated; steady_pairs_per_s leaves it out)

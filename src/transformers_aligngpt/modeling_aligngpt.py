@@ -20,6 +20,7 @@ import inspect
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
@@ -387,55 +388,57 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         Why on the host: at batch 1 a GPU runs the CLIP tower's kernels faster than Python launches them, so the small
         ops between the tower and the LLM start on an idle GPU and each costs its launch (~25 us on an H100 host),
         whatever its arithmetic. Here the ids (with the 2D masks the gate reads) come over in one copy, which the
-        checks need anyway; masks, counts, checks, the gate's text tokens and the spans are a few cheap CPU ops on
-        (batch, seq) integers; the gate's tokens go back in one copy, and the masks in another only when the merge
-        needs them (several rows). One row: 3 device ops (stack, 2 copies) where the device path takes 10, and the
-        merge is one `cat` instead of `masked_scatter` + `where`."""
+        checks need anyway; masks, counts, checks, the gate's text tokens and the spans are a few NumPy ops on
+        (batch, seq) integers (each ~1 us, against ~5 us for a torch op on the CPU, and every microsecond of host
+        time before the LLM is a microsecond of an idle GPU); the gate's tokens go back in one copy, and the masks in
+        another only when the merge needs them (several rows). One row: 3 device ops (stack, 2 copies) where the
+        device path takes 10, and the merge is one `cat` instead of `masked_scatter` + `where`."""
         device = input_ids.device
         self._check_level_count(alignment_levels, input_ids.shape[0])
         # the 2D masks the gate reads ride along in the ids' copy (2D padding masks are 0/1; read as bool, as
         # transformers does)
-        attention_2d = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
-        gate_masks = {"attention": attention_2d, "prompt": gate_text_mask} if gate_runs else {}
-        names = [name for name, mask in gate_masks.items() if mask is not None]
+        gate_masks = []
+        if gate_runs:
+            attention_2d = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+            gate_masks = [mask for mask in (attention_2d, gate_text_mask) if mask is not None]
         rows = [input_ids] + [
-            (mask != 0 if mask.is_floating_point() else mask).to(input_ids.dtype)
-            for mask in (gate_masks[name] for name in names)
+            (mask != 0 if mask.is_floating_point() else mask).to(input_ids.dtype) for mask in gate_masks
         ]
-        host = (torch.stack(rows) if len(rows) > 1 else input_ids.unsqueeze(0)).cpu()  # (1 to 3, batch, seq)
-        ids, on_host = host[0], {name: host[i] for i, name in enumerate(names, 1)}  # (indexing: unbind is slower)
-        placeholder_masks = torch.stack([ids == self.config.image_token_id, ids == self.config.alignment_token_id])
-        image_tokens, align_tokens = placeholder_masks.sum(-1).tolist()
+        host = (torch.stack(rows) if len(rows) > 1 else input_ids.unsqueeze(0)).cpu().numpy()  # (1 to 3, batch, seq)
+        image_mask = host[0] == self.config.image_token_id  # (batch, seq) NumPy bools from here on
+        align_mask = host[0] == self.config.alignment_token_id
         levels = None if alignment_levels is None else alignment_levels.view(-1).tolist()
-        self._check_counts(image_tokens, align_tokens, levels, num_images, num_patches)
-        layout = PlaceholderLayout(None, None, spans=self._one_row_spans(placeholder_masks, num_images, num_patches))
+        self._check_counts(image_mask.sum(-1).tolist(), align_mask.sum(-1).tolist(), levels, num_images, num_patches)
+        layout = PlaceholderLayout(None, None, spans=self._one_row_spans(image_mask, align_mask, num_images, num_patches))
         # (non_blocking on CUDA: a blocking host-to-device copy also waits for the stream; from pageable memory the
         # driver has read the source before the call returns, so nothing here can change under the copy)
         non_blocking = device.type == "cuda"
         if gate_runs:
-            text = self.gate_text_tokens(
-                placeholder_masks[0], placeholder_masks[1], on_host.get("attention"), on_host.get("prompt")
-            )
+            # as `gate_text_tokens`: after <align> (0 > 0 before it, 1 > 1 at it, 1 > 0 after it), not an image
+            # placeholder, attended, and in the prompt when a prompt mask is given
+            text = (align_mask.cumsum(-1) > align_mask) & ~image_mask
+            for mask in host[1:]:
+                text &= mask != 0
             layout.gate_text_counts = text.sum(-1).tolist()
-            layout.gate_text = text.to(dtype).to(device, non_blocking=non_blocking)  # (cast on the CPU: memcpy)
+            layout.gate_text = torch.from_numpy(text).to(dtype).to(device, non_blocking=non_blocking)  # (cast on the CPU)
         if layout.spans is None:  # (with spans nothing reads the masks: the one-row gate has its text tokens)
-            placeholder_masks = placeholder_masks.to(device, non_blocking=non_blocking)  # two (batch, seq) views
-            layout.image_mask, layout.align_mask = placeholder_masks[0], placeholder_masks[1]
+            placeholder_masks = torch.from_numpy(np.stack([image_mask, align_mask])).to(device, non_blocking=non_blocking)
+            layout.image_mask, layout.align_mask = placeholder_masks[0], placeholder_masks[1]  # two (batch, seq) views
         return layout
 
     @staticmethod
-    def _one_row_spans(placeholder_masks, num_images: int, num_patches: int) -> list | None:
-        """[`PlaceholderLayout.spans`] from the host masks (2, batch, seq) of a one-row batch whose images each take
-        `num_patches` consecutive tokens; None otherwise (the merge then scatters by mask)."""
-        if placeholder_masks.shape[1] != 1 or num_images == 0:
+    def _one_row_spans(image_mask, align_mask, num_images: int, num_patches: int) -> list | None:
+        """[`PlaceholderLayout.spans`] from the host masks (batch, seq) (NumPy, after the checks) of a one-row batch
+        whose images each take `num_patches` consecutive tokens; None otherwise (the merge then scatters by mask)."""
+        if image_mask.shape[0] != 1 or num_images == 0:
             return None
-        image_positions = placeholder_masks[0, 0].nonzero().view(num_images, num_patches)
-        starts, ends = image_positions[:, 0].tolist(), image_positions[:, -1].tolist()
+        image_positions = np.flatnonzero(image_mask[0]).reshape(num_images, num_patches)
+        starts = image_positions[:, 0]
         # sorted positions: num_patches of them spanning num_patches - 1 are consecutive
-        if any(end - start != num_patches - 1 for start, end in zip(starts, ends)):
+        if (image_positions[:, -1] - starts != num_patches - 1).any():
             return None
-        align_position = placeholder_masks[1, 0].nonzero().item()
-        return sorted([(align_position, -1)] + [(start, image) for image, start in enumerate(starts)])
+        align_position = int(np.flatnonzero(align_mask[0])[0])
+        return sorted([(align_position, -1)] + [(start, image) for image, start in enumerate(starts.tolist())])
 
     def merge_placeholders(self, inputs_embeds, image_features, alignment_vectors, layout: PlaceholderLayout):
         """`inputs_embeds` with the image features at the `<image>` placeholders (in order) and each row's alignment
