@@ -394,6 +394,10 @@ def case_train(args, rec, llava, aligngpt, dtype, image_size, num_image_tokens):
             if args.checkpointing:
                 model.activation_checkpointing_disable() if hasattr(model, "activation_checkpointing_disable") \
                     else model.gradient_checkpointing_disable()
+                # transformers' disable leaves the input-embedding hooks that enable put on (`requires_grad_` on every
+                # embedding output; it removes them only under PEFT): in the compiled decoding step measured later
+                # each is a graph break (4 for AlignGPT, 7 for LLaVA in the H100 runs), which a fresh model has not
+                model.disable_input_require_grads()
             model.model.vision_tower.requires_grad_(True)
             model.eval()
 
