@@ -50,13 +50,15 @@ if [ "${SET:-all}" = model ]; then
   exit 0
 fi
 # SET=path (~60 s a run): the batch-1 forward case (alignment path, extra token, gate) in RUNS (default 2) separate
-# processes, with the device-op profile; then, with B32=1 (~80 s), default-path generation at batch 32 with 8 repeats
-# (its 4 repeats in the full run spread 2.3-3.2 s a call on a noisy host). (Compiled batch-1 generation needs more
-# than 100 s in a fresh process, its compilation included: the full run has it.)
+# processes, with the device-op profile and REPEATS (default 201) paired repeats (at 61 the in-forward measurements,
+# gate over global mode and the extra token, still spread over +-1.5% on a noisy host); then, with B32=1 (~80 s),
+# default-path generation at batch 32 with 8 repeats (its 4 repeats in the full run spread 2.3-3.2 s a call on a
+# noisy host). (Compiled batch-1 generation needs more than 100 s in a fresh process, its compilation included: the
+# full run has it.)
 if [ "${SET:-all}" = path ]; then
   for run in $(seq "${RUNS:-2}"); do
-    step forward_b1_$run 60 python3 benchmarks/bench_model.py --device cuda --shapes 7b --cases forward --profile \
-      --profile-batch 1 --repeats 61 --out "$OUT/bench_7b_forward_b1.jsonl"
+    step forward_b1_$run 90 python3 benchmarks/bench_model.py --device cuda --shapes 7b --cases forward --profile \
+      --profile-batch 1 --repeats ${REPEATS:-201} --out "$OUT/bench_7b_forward_b1.jsonl"
   done
   if [ "${B32:-0}" = 1 ]; then
     step default_b32 100 python3 benchmarks/bench_model.py --device cuda --shapes 7b --cases generate --paths default \
