@@ -409,7 +409,8 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         align_mask = host[0] == self.config.alignment_token_id
         levels = None if alignment_levels is None else alignment_levels.view(-1).tolist()
         self._check_counts(image_mask.sum(-1).tolist(), align_mask.sum(-1).tolist(), levels, num_images, num_patches)
-        layout = PlaceholderLayout(None, None, spans=self._one_row_spans(image_mask, align_mask, num_images, num_patches))
+        spans = self._one_row_spans(image_mask, align_mask, num_images, num_patches)
+        layout = PlaceholderLayout(None, None, spans=spans)
         # (non_blocking on CUDA: a blocking host-to-device copy also waits for the stream; from pageable memory the
         # driver has read the source before the call returns, so nothing here can change under the copy)
         non_blocking = device.type == "cuda"
@@ -420,9 +421,11 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
             for mask in host[1:]:
                 text &= mask != 0
             layout.gate_text_counts = text.sum(-1).tolist()
-            layout.gate_text = torch.from_numpy(text).to(dtype).to(device, non_blocking=non_blocking)  # (cast on the CPU)
+            # (cast on the CPU, where it is a memcpy-sized loop, not a device kernel)
+            layout.gate_text = torch.from_numpy(text).to(dtype).to(device, non_blocking=non_blocking)
         if layout.spans is None:  # (with spans nothing reads the masks: the one-row gate has its text tokens)
-            placeholder_masks = torch.from_numpy(np.stack([image_mask, align_mask])).to(device, non_blocking=non_blocking)
+            placeholder_masks = torch.from_numpy(np.stack([image_mask, align_mask]))
+            placeholder_masks = placeholder_masks.to(device, non_blocking=non_blocking)
             layout.image_mask, layout.align_mask = placeholder_masks[0], placeholder_masks[1]  # two (batch, seq) views
         return layout
 
