@@ -623,6 +623,11 @@ def test_placeholder_bookkeeping_on_the_host_equals_the_device_path(model, proce
         assert torch.equal(on_host, on_device.to(on_host.dtype))
     assert host.gate_text_counts == device.gate_text.sum(-1).tolist()
     assert all(count > 0 for count in host.gate_text_counts[::2])
+    # a floating-point padding mask (as some pipelines build it) is read as bool on the host path too
+    monkeypatch.delenv("TRANSFORMERS_DISABLE_TORCH_CHECK")
+    float_mask = inner.locate_placeholders(ids, embeds, mask.float(), prompt, None, 3, num_patches, True)
+    assert torch.equal(float_mask.gate_text, host.gate_text) and float_mask.gate_text_counts == host.gate_text_counts
+    monkeypatch.setenv("TRANSFORMERS_DISABLE_TORCH_CHECK", "1")
     with torch.no_grad():
         from_device = model(**batch, labels=labels)
         monkeypatch.delenv("TRANSFORMERS_DISABLE_TORCH_CHECK")
