@@ -18,16 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_model as bm  # noqa: E402
-from common import OpLog  # noqa: E402
+from common import OpLog, compare  # noqa: E402
 
 
 def main(argv=None):
@@ -67,16 +65,8 @@ def main(argv=None):
                 with OpLog() as log:
                     fn()
                 ops[name] = [op for op in log.ops if op not in bm.VIEW_OPS]
-            times = {name: [] for name in sides}
-            for _ in range(10):
-                for fn in sides.values():
-                    fn()
-            for r in range(args.repeats):
-                for name in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
-                    t0 = time.perf_counter()
-                    sides[name]()
-                    times[name].append(time.perf_counter() - t0)
-        med = {name: statistics.median(v) * 1e6 for name, v in times.items()}
+            res = compare(sides, "cpu", warmup=10, repeats=args.repeats)
+        med = {name: res[name]["median"] * 1e6 for name in sides}
         print(json.dumps({
             "batch": batch, "dtype": args.dtype, "image_rows": batch - (batch // 4 if batch > 1 else 0),
             "aligngpt_ops": len(ops["aligngpt"]), "llava_ops": len(ops["llava"]),

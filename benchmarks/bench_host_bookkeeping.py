@@ -16,17 +16,16 @@ import copy
 import importlib.util
 import json
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_model as bm  # noqa: E402
+from common import compare  # noqa: E402
 
 import transformers_aligngpt.modeling_aligngpt as current  # noqa: E402
 
@@ -73,13 +72,8 @@ def main(argv=None):
         a, b = sides["rev"](), sides["current"]()
         assert a.spans == b.spans and a.gate_text_counts == b.gate_text_counts
         assert torch.equal(a.gate_text, b.gate_text)
-        times = {name: [] for name in sides}
-        for r in range(args.repeats):
-            for name in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
-                t0 = time.perf_counter()
-                sides[name]()
-                times[name].append(time.perf_counter() - t0)
-        med = {name: statistics.median(v) * 1e6 for name, v in times.items()}
+        res = compare(sides, "cpu", warmup=10, repeats=args.repeats)
+        med = {name: res[name]["median"] * 1e6 for name in sides}
         print(json.dumps({
             "batch": batch, "rev": args.rev, "rev_us": round(med["rev"], 1), "current_us": round(med["current"], 1),
             "saved_us": round(med["rev"] - med["current"], 1),
