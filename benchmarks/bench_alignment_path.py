@@ -10,7 +10,12 @@ ids over, the masks, checks and gate tokens in NumPy, one or two copies back): i
 shows in the times (`bookkeeping_host_us`) and not in the op counts; `bench_model.py --profile` on a GPU counts the
 ops that reach the device.
 
-    python benchmarks/bench_alignment_path.py [--batches 1,4] [--repeats 300] [--dtype bfloat16]
+With `--device cuda` the same tiny models run on a GPU, where tiny widths leave the host's cost per op (Python,
+dispatch, launch) as the whole cost: the op counts are then the ops that reach the device, and two more sides time
+the ids' trip to the host as the forward makes it (`stack` of ids and attention mask, one copy) against two plain
+copies (no kernel, one more transfer).
+
+    python benchmarks/bench_alignment_path.py [--batches 1,4] [--repeats 300] [--dtype bfloat16] [--device cuda]
 """
 
 from __future__ import annotations
@@ -34,10 +39,12 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=300)
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    build_args, llava, aligngpt = bm.build_tiny_cpu_models(dtype)
+    device_type = torch.device(args.device).type
+    build_args, llava, aligngpt = bm.build_tiny_cpu_models(dtype, args.device)
     num_image_tokens = 576
     for batch in [int(b) for b in args.batches.split(",")]:
         rows = (bm.generation_rows(1, num_image_tokens, seed=11, question_max=29) if batch == 1
@@ -60,12 +67,16 @@ def main(argv=None):
                 "bookkeeping_device": lambda: bm.device_bookkeeping(inner, a_ids, embeds, a_mask, num_images,
                                                                     num_patches),
             }
+            if device_type != "cpu":  # (on the CPU both are no-ops)
+                sides["ids_to_host_stacked"] = lambda: torch.stack([a_ids, a_mask]).cpu()
+                sides["ids_to_host_separate"] = lambda: (a_ids.cpu(), a_mask.cpu())
             ops = {}
             for name, fn in sides.items():
                 with OpLog() as log:
                     fn()
-                ops[name] = [op for op in log.ops if op not in bm.VIEW_OPS]
-            res = compare(sides, "cpu", warmup=10, repeats=args.repeats)
+                names = log.ops if device_type == "cpu" else log.on(device_type)
+                ops[name] = [op for op in names if op not in bm.VIEW_OPS]
+            res = compare(sides, args.device, warmup=10, repeats=args.repeats)
         med = {name: res[name]["median"] * 1e6 for name in sides}
         print(json.dumps({
             "batch": batch, "dtype": args.dtype, "image_rows": batch - (batch // 4 if batch > 1 else 0),
@@ -77,6 +88,8 @@ def main(argv=None):
             "bookkeeping_host_ops": len(ops["bookkeeping_host"]),
             "bookkeeping_device_path_ops": len(ops["bookkeeping_device"]),
             "aligngpt_op_names": " ".join(ops["aligngpt"]),
+            **{f"{name}_us": round(med[name], 1) for name in sides if name.startswith("ids_to_host")},
+            "device": torch.cuda.get_device_name() if device_type == "cuda" else "cpu",
             "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
         }), flush=True)
 

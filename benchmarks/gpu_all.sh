@@ -56,6 +56,9 @@ fi
 # noisy host). (Compiled batch-1 generation needs more than 100 s in a fresh process, its compilation included: the
 # full run has it.)
 if [ "${SET:-all}" = path ]; then
+  # the path's pieces at tiny widths, where the host's cost per op is the whole cost, and the ids' trip to the host
+  # stacked with the attention mask (one kernel, one copy) against two plain copies (~20 s)
+  step alignment_path_tiny 60 python3 benchmarks/bench_alignment_path.py --device cuda --repeats 300
   for run in $(seq "${RUNS:-2}"); do
     step forward_b1_$run 90 python3 benchmarks/bench_model.py --device cuda --shapes 7b --cases forward --profile \
       --profile-batch 1 --repeats ${REPEATS:-201} --out "$OUT/bench_7b_forward_b1.jsonl"
