@@ -30,23 +30,31 @@ step() {  # step NAME SECONDS COMMAND...
   grep -iE "error|Traceback" "$OUT/$name.log" | tail -n 5
 }
 
-# SET=followup: a second, shorter call (~100 s): the batch-1 forward and default-path generation with more repeats
-# (the full run's 4 repeats of the default path were too few to tell noise from cost).
+# issue 7's full 7B step: forward / train / generate ratios, the gate's in-forward share, alignment-path ops (no
+# --explain: the compiled case records its graph breaks and their reasons itself; the time goes to batch-32 compiled)
+model_step() {  # model_step SECONDS
+  step model "$1" python3 benchmarks/bench_model.py --device cuda --shapes 7b --profile --profile-batch 1 \
+    --budget-s $(( $1 - 20 )) --out "$OUT/bench_7b.jsonl"
+}
+# the batch-1 forward and default-path generation with more repeats (the full run's 4 repeats of the default path
+# were too few to tell noise from cost)
+followup_b1() {  # followup_b1 SECONDS
+  step model_b1 "$1" python3 benchmarks/bench_model.py --device cuda --shapes 7b --cases forward,generate \
+    --paths default --gen-batches 1 --gen-repeats 10 --repeats 41 --budget-s $(( $1 - 10 )) \
+    --out "$OUT/bench_7b_b1.jsonl"
+}
+
+# SET=followup: a second, shorter call (~100 s): `followup_b1`.
 # SET=scoring: issue 4's CLIP scoring benchmark alone (its goal is met: 1,043 pairs/s on an H100, BENCHMARKS.md).
 if [ "${SET:-all}" = followup ]; then
-  step model_b1 ${MODEL_S:-85} python3 benchmarks/bench_model.py --device cuda --shapes 7b --cases forward,generate \
-    --paths default --gen-batches 1 --gen-repeats 10 --repeats 41 --budget-s $(( ${MODEL_S:-85} - 10 )) \
-    --out "$OUT/bench_7b_b1.jsonl"
+  followup_b1 ${MODEL_S:-85}
   exit 0
 fi
 # SET=model: issue 7 alone (~420 s): the full 7B model step with a budget that reaches compiled batch 32, then the
 # batch-1 follow-up above (issue 5's QLoRA figures are in BENCHMARKS.md and need no rerun for it).
 if [ "${SET:-all}" = model ]; then
-  step model ${MODEL_S:-320} python3 benchmarks/bench_model.py --device cuda --shapes 7b --profile \
-    --profile-batch 1 --budget-s $(( ${MODEL_S:-320} - 20 )) --out "$OUT/bench_7b.jsonl"
-  step model_b1 ${MODEL_B1_S:-85} python3 benchmarks/bench_model.py --device cuda --shapes 7b --cases forward,generate \
-    --paths default --gen-batches 1 --gen-repeats 10 --repeats 41 --budget-s $(( ${MODEL_B1_S:-85} - 10 )) \
-    --out "$OUT/bench_7b_b1.jsonl"
+  model_step ${MODEL_S:-320}
+  followup_b1 ${MODEL_B1_S:-85}
   exit 0
 fi
 # SET=path (~60 s a run): the batch-1 forward case (alignment path, extra token, gate) in RUNS (default 2) separate
@@ -86,7 +94,5 @@ fi
 step qlora ${QLORA_S:-170} python3 benchmarks/bench_qlora.py --paired 6 --steps 10 --warmup 2 --profile-step
 # 2. issue 5: peak memory on this GPU of each model alone in its own process (AlignGPT's goal: at most 6.0 GiB)
 step qlora_memory ${QLORA_MEMORY_S:-100} python3 benchmarks/bench_qlora.py --runs aligngpt:lean,llava:lean --steps 3 --warmup 2
-# 3. issue 7: 7B forward / train / generate ratios, the gate's in-forward share, alignment-path ops (no --explain:
-# the compiled case records its graph breaks and their reasons itself; the time goes to batch-32 compiled)
-step model ${MODEL_S:-290} python3 benchmarks/bench_model.py --device cuda --shapes 7b --profile \
-  --profile-batch 1 --budget-s $(( ${MODEL_S:-290} - 20 )) --out "$OUT/bench_7b.jsonl"
+# 3. issue 7: `model_step`
+model_step ${MODEL_S:-290}
