@@ -44,7 +44,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     device_type = torch.device(args.device).type
-    build_args, llava, aligngpt = bm.build_tiny_cpu_models(dtype, args.device)
+    build_args, llava, aligngpt = bm.build_tiny_models(dtype, args.device)
     num_image_tokens = 576
     for batch in [int(b) for b in args.batches.split(",")]:
         rows = (bm.generation_rows(1, num_image_tokens, seed=11, question_max=29) if batch == 1

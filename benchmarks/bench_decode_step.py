@@ -93,7 +93,7 @@ def main(argv=None):
                    help="interleaved generate pairs for the default-cache host time per token")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    build_args, llava, aligngpt = bm.build_tiny_cpu_models(torch.float32)
+    build_args, llava, aligngpt = bm.build_tiny_models(torch.float32)
     rows = bm.generation_rows(1, 576, seed=11, question_max=29)
     batches = bm.batch_for(build_args, rows, 336, torch.float32, "left", False, 12, ["aligngpt", "llava"])
     print(json.dumps({**default_path_steps({"aligngpt": aligngpt, "llava": llava}, batches,

@@ -3,7 +3,7 @@ against the same method at another git revision, interleaved in one process.
 
 At batch 1 on a GPU the bookkeeping runs on the host while the GPU waits (the forward is host-bound until the LLM),
 so its CPU time is forward time. Both versions run on the same tiny model and inputs
-(`bench_model.build_tiny_cpu_models`, 576 image tokens, 641-token prompt; 4 rows with left padding for batch 4), one
+(`bench_model.build_tiny_models`, 576 image tokens, 641-token prompt; 4 rows with left padding for batch 4), one
 thread; the layouts they return are checked equal first. One JSON line per batch size.
 
     python benchmarks/bench_host_bookkeeping.py --rev ee5fc72 [--repeats 2000]
@@ -54,7 +54,7 @@ def main(argv=None):
     torch.set_num_threads(1)
     dtype = torch.bfloat16
     old = load_modeling_at(args.rev)
-    build_args, _, aligngpt = bm.build_tiny_cpu_models(dtype)
+    build_args, _, aligngpt = bm.build_tiny_models(dtype)
     inner = aligngpt.model
     # the same module, its bookkeeping methods taken from `rev` (a shallow copy shares every parameter)
     methods = {name: old.AlignGPTModel.__dict__[name] for name in ("placeholders_on_host", "_one_row_spans")

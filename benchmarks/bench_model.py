@@ -152,7 +152,7 @@ def build_models(args, dtype):
     return llava, aligngpt
 
 
-def build_tiny_cpu_models(dtype, device: str = "cpu"):
+def build_tiny_models(dtype, device: str = "cpu"):
     """(build args, LLaVA, AlignGPT) at the host-overhead shapes (`SHAPES["tiny"]`), SDPA, on the CPU unless `device`
     says otherwise: the models of bench_alignment_path.py, bench_decode_step.py and bench_host_bookkeeping.py."""
     args = argparse.Namespace(shapes="tiny", layers=None, vision_layers=None, image_size=None, device=device,
