@@ -415,11 +415,7 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         # driver has read the source before the call returns, so nothing here can change under the copy)
         non_blocking = device.type == "cuda"
         if gate_runs:
-            # as `gate_text_tokens`: after <align> (0 > 0 before it, 1 > 1 at it, 1 > 0 after it), not an image
-            # placeholder, attended, and in the prompt when a prompt mask is given
-            text = (align_mask.cumsum(-1) > align_mask) & ~image_mask
-            for mask in host[1:]:
-                text &= mask != 0
+            text = self._text_after_align(image_mask, align_mask, host[1:])  # (the masks came over as 0/1 integers)
             layout.gate_text_counts = text.sum(-1).tolist()
             # (cast on the CPU, where it is a memcpy-sized loop, not a device kernel)
             layout.gate_text = torch.from_numpy(text).to(dtype).to(device, non_blocking=non_blocking)
@@ -471,12 +467,18 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         """(batch, seq), 1 where the gate reads a text token: attended tokens after `<align>` (so bos and left padding
         are out) that are not image placeholders, restricted to `gate_text_mask` when given. Bool or integer, never
         floating point: its row sums are exact counts (a bf16 sum of 0/1 values stops being exact above 256)."""
+        masks = (attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None, gate_text_mask)
+        # 2D padding masks are 0/1 (transformers reads them as bool too)
+        masks = [mask != 0 if mask.is_floating_point() else mask for mask in masks if mask is not None]
+        return AlignGPTModel._text_after_align(image_mask, align_mask, masks)
+
+    @staticmethod
+    def _text_after_align(image_mask, align_mask, masks):
+        """[`gate_text_tokens`]'s rule on (batch, seq) torch tensors or NumPy arrays, `masks` being bool or 0/1."""
         after_align = align_mask.cumsum(-1) > align_mask  # 0 > 0 before <align>, 1 > 1 at it, 1 > 0 after it
         text = after_align > image_mask  # after <align> and not an image placeholder
-        for mask in (attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None,
-                     gate_text_mask):
-            if mask is not None:  # 2D padding masks are 0/1 (transformers reads them as bool too)
-                text = text * (mask != 0 if mask.is_floating_point() else mask)
+        for mask in masks:
+            text = text * mask
         return text
 
     def compute_alignment_vectors(
