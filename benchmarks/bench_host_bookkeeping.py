@@ -35,8 +35,11 @@ MODELING = "src/transformers_aligngpt/modeling_aligngpt.py"
 def load_modeling_at(rev: str):
     """`modeling_aligngpt` as it was at `rev` (git show), imported under another name."""
     root = Path(__file__).resolve().parents[1]
-    source = subprocess.run(["git", "show", f"{rev}:{MODELING}"], cwd=root, check=True, capture_output=True,
-                            text=True).stdout
+    shown = subprocess.run(["git", "show", f"{rev}:{MODELING}"], cwd=root, capture_output=True, text=True)
+    if shown.returncode != 0:
+        raise SystemExit(f"--rev {rev}: git cannot show {MODELING} there ({shown.stderr.strip()}); pass a commit of "
+                         "this repository that has the file, e.g. the one before the change you are measuring.")
+    source = shown.stdout
     path = Path(tempfile.mkdtemp()) / "modeling_at_rev.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("transformers_aligngpt.modeling_at_rev", path)
@@ -57,7 +60,11 @@ def main(argv=None):
     build_args, _, aligngpt = bm.build_tiny_models(dtype)
     inner = aligngpt.model
     # the same module, its bookkeeping methods taken from `rev` (a shallow copy shares every parameter)
-    methods = {name: old.AlignGPTModel.__dict__[name] for name in ("placeholders_on_host", "_one_row_spans")
+    if "placeholders_on_host" not in old.AlignGPTModel.__dict__:
+        raise SystemExit(f"--rev {args.rev} has no AlignGPTModel.placeholders_on_host (added in 5de0a74): pick a later "
+                         "commit.")
+    methods = {name: old.AlignGPTModel.__dict__[name]
+               for name in ("placeholders_on_host", "_one_row_spans", "_text_after_align")
                if name in old.AlignGPTModel.__dict__}
     inner_old = copy.copy(inner)
     inner_old.__class__ = type("AlignGPTModelAtRev", (current.AlignGPTModel,), methods)
