@@ -1,12 +1,18 @@
-"""Host time of the eager forward's placeholder bookkeeping (`AlignGPTModel.placeholders_on_host`), this checkout
-against the same method at another git revision, interleaved in one process.
+"""Host time of the eager forward's placeholder bookkeeping (`AlignGPTModel.placeholders_on_host`), or of the whole
+alignment path, this checkout against the same code at another git revision, interleaved in one process.
 
-At batch 1 on a GPU the bookkeeping runs on the host while the GPU waits (the forward is host-bound until the LLM),
-so its CPU time is forward time. Both versions run on the same tiny model and inputs
-(`bench_model.build_tiny_models`, 576 image tokens, 641-token prompt; 4 rows with left padding for batch 4), one
-thread; the layouts they return are checked equal first. One JSON line per batch size.
+At batch 1 on a GPU the bookkeeping and the rest of the alignment path run on the host while the GPU waits (the
+forward is host-bound until the LLM), so their CPU time is forward time. Both versions run on the same tiny model
+and inputs (`bench_model.build_tiny_models`, 576 image tokens, 641-token prompt; 4 rows with left padding for batch
+4), one thread; what they return is checked equal first. One JSON line per batch size.
 
-    python benchmarks/bench_host_bookkeeping.py --rev ee5fc72 [--repeats 2000]
+- `--scope bookkeeping` (default): `placeholders_on_host` and its helpers taken from `--rev`;
+- `--scope path`: `bench_model.alignment_path` (embedding, placeholder bookkeeping, text mean, gate, mix, merge) with
+  every `AlignGPTModel` method taken from `--rev`. On the CPU the path's arithmetic at these widths is part of both
+  sides alike; the difference is host work (Python, NumPy, op dispatch), as it would be on a GPU;
+- `--scope forward`: the whole `AlignGPTModel` forward (tiny tower and LLM included), every method from `--rev`.
+
+    python benchmarks/bench_host_bookkeeping.py --rev ee5fc72 [--scope path] [--repeats 2000]
 """
 
 from __future__ import annotations
@@ -53,9 +59,13 @@ def main(argv=None):
     p.add_argument("--rev", required=True, help="git revision to compare with (e.g. the commit before a change)")
     p.add_argument("--repeats", type=int, default=2000)
     p.add_argument("--batches", default="1,4")
+    p.add_argument("--scope", default="bookkeeping", choices=["bookkeeping", "path", "forward"])
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                   help="float32 makes the CPU's share of the path's arithmetic smaller (bf16 matmuls are slow on CPUs "
+                        "without bf16 units); the ops and the host work are the same")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    dtype = torch.bfloat16
+    dtype = getattr(torch, args.dtype)
     old = load_modeling_at(args.rev)
     build_args, _, aligngpt = bm.build_tiny_models(dtype)
     inner = aligngpt.model
@@ -63,27 +73,49 @@ def main(argv=None):
     if "placeholders_on_host" not in old.AlignGPTModel.__dict__:
         raise SystemExit(f"--rev {args.rev} has no AlignGPTModel.placeholders_on_host (added in 5de0a74): pick a later "
                          "commit.")
-    methods = {name: old.AlignGPTModel.__dict__[name]
-               for name in ("placeholders_on_host", "_one_row_spans", "_text_after_align")
-               if name in old.AlignGPTModel.__dict__}
+    if args.scope != "bookkeeping":  # every method (module-level helpers come along through their globals)
+        methods = {name: value for name, value in old.AlignGPTModel.__dict__.items()
+                   if isinstance(value, (staticmethod, classmethod)) or callable(value) and not name.startswith("__")}
+    else:
+        methods = {name: old.AlignGPTModel.__dict__[name]
+                   for name in ("placeholders_on_host", "_one_row_spans", "_text_after_align")
+                   if name in old.AlignGPTModel.__dict__}
     inner_old = copy.copy(inner)
     inner_old.__class__ = type("AlignGPTModelAtRev", (current.AlignGPTModel,), methods)
     for batch in [int(b) for b in args.batches.split(",")]:
         rows = (bm.generation_rows(1, 576, seed=11, question_max=29) if batch == 1
                 else bm.train_rows(batch, 576, seed=3))
         inputs = bm.batch_for(build_args, rows, 336, dtype, "left", False, 12, ["aligngpt"])["aligngpt"]
-        call_args = (inputs["input_ids"], inputs["attention_mask"], None, None, inputs["pixel_values"].shape[0], 576,
-                     True, dtype)
-        sides = {"rev": lambda: inner_old.placeholders_on_host(*call_args),
-                 "current": lambda: inner.placeholders_on_host(*call_args)}
-        a, b = sides["rev"](), sides["current"]()
-        assert a.spans == b.spans and a.gate_text_counts == b.gate_text_counts
-        assert torch.equal(a.gate_text, b.gate_text)
-        res = compare(sides, "cpu", warmup=10, repeats=args.repeats)
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        if args.scope == "path":
+            with torch.no_grad():
+                features = inner.get_image_features(pixel_values=inputs["pixel_values"], return_dict=True)
+            features = features.pooler_output.to(dtype)
+            sides = {"rev": lambda: bm.alignment_path(inner_old, ids, mask, features),
+                     "current": lambda: bm.alignment_path(inner, ids, mask, features)}
+            with torch.no_grad():
+                assert torch.equal(sides["rev"](), sides["current"]())
+        elif args.scope == "forward":
+            pixel_values = inputs["pixel_values"]
+            sides = {name: (lambda model=model: model(input_ids=ids, pixel_values=pixel_values, attention_mask=mask)
+                            .last_hidden_state)
+                     for name, model in (("rev", inner_old), ("current", inner))}
+            with torch.no_grad():
+                assert torch.equal(sides["rev"](), sides["current"]())
+        else:
+            call_args = (ids, mask, None, None, inputs["pixel_values"].shape[0], 576, True, dtype)
+            sides = {"rev": lambda: inner_old.placeholders_on_host(*call_args),
+                     "current": lambda: inner.placeholders_on_host(*call_args)}
+            a, b = sides["rev"](), sides["current"]()
+            assert a.spans == b.spans and a.gate_text_counts == b.gate_text_counts
+            assert torch.equal(a.gate_text, b.gate_text)
+        with torch.no_grad():
+            res = compare(sides, "cpu", warmup=10, repeats=args.repeats)
         med = {name: res[name]["median"] * 1e6 for name in sides}
         print(json.dumps({
-            "batch": batch, "rev": args.rev, "rev_us": round(med["rev"], 1), "current_us": round(med["current"], 1),
-            "saved_us": round(med["rev"] - med["current"], 1),
+            "batch": batch, "scope": args.scope, "rev": args.rev, "rev_us": round(med["rev"], 1), "current_us": round(med["current"], 1),
+            "saved_us": round(med["rev"] - med["current"], 1), "dtype": args.dtype,
+            "rev_min_us": round(res["rev"]["min"] * 1e6, 1), "current_min_us": round(res["current"]["min"] * 1e6, 1),
             "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
         }), flush=True)
 
