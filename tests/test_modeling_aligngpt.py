@@ -356,15 +356,34 @@ def test_placeholder_feature_mismatch_is_rejected(model, processor, images):
         model(input_ids=inputs["input_ids"])
 
 
-def test_config_edited_after_loading_is_checked_again(model, processor, images):
+@pytest.mark.parametrize(
+    "edits, error",
+    [
+        ({"alignment_mode": "fixed", "fixed_alignment_level": 99}, r"fixed_alignment_level in 0..7, got 99"),
+        ({"alignment_mode": "fixed", "fixed_alignment_level": None}, r"fixed_alignment_level in 0..7, got None"),
+        ({"alignment_mode": "sometimes"}, r"Unknown alignment_mode 'sometimes'; choose one of adaptive, global"),
+        ({"gate_text_scope": "answers"}, r"Unknown gate_text_scope 'answers'; choose one of prompt, conversation"),
+    ],
+)
+def test_config_edited_after_loading_is_checked_again(model, processor, images, edits, error):
+    # the forward checks these where it reads them (validate_alignment ran at init, before the edit)
     inputs = processor(images=images[:1], text=["<image>a box\n"], return_tensors="pt")
-    mode, level = model.config.alignment_mode, model.config.fixed_alignment_level
-    model.config.alignment_mode, model.config.fixed_alignment_level = "fixed", 99
+    saved = {name: getattr(model.config, name) for name in edits}
+    for name, value in edits.items():
+        setattr(model.config, name, value)
     try:
-        with pytest.raises(ValueError, match=r"fixed_alignment_level in 0..7, got 99"):
+        with pytest.raises(ValueError, match=error):
             model(**inputs)
     finally:
-        model.config.alignment_mode, model.config.fixed_alignment_level = mode, level
+        for name, value in saved.items():
+            setattr(model.config, name, value)
+    model(**inputs)  # and the restored config works again
+
+
+def test_an_unknown_vision_feature_select_strategy_is_rejected(model, processor, images):
+    inputs = processor(images=images[:1], text=["<image>a box\n"], return_tensors="pt")
+    with pytest.raises(ValueError, match=r"select feature strategy: cls"):  # (transformers' check)
+        model(**inputs, vision_feature_select_strategy="cls")
 
 
 def test_pixel_values_with_the_wrong_channel_count_are_rejected(model, processor, images):

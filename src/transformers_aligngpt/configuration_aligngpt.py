@@ -22,6 +22,19 @@ REMOTE_CODE_AUTO_MAP = {
 }
 
 
+# The errors for bad AlignGPT fields, raised by `validate_alignment` at init and by the model where a forward reads a
+# field edited since.
+def unknown_choice(field: str, value, choices: tuple) -> ValueError:
+    return ValueError(f"Unknown {field} {value!r}; choose one of {', '.join(choices)}.")
+
+
+def bad_fixed_level(level, num_levels: int) -> ValueError:
+    return ValueError(
+        f"alignment_mode='fixed' needs fixed_alignment_level in 0..{num_levels - 1}, got {level!r}. Set e.g. "
+        f"`config.fixed_alignment_level = {num_levels - 1}`."
+    )
+
+
 @strict
 class AlignGPTConfig(PreTrainedConfig):
     r"""
@@ -110,12 +123,11 @@ class AlignGPTConfig(PreTrainedConfig):
         self.validate_alignment()
 
     def validate_alignment(self):
-        """Checks the AlignGPT fields; called at init and again by every forward with images (fields can be edited
-        later)."""
+        """Checks the AlignGPT fields, at init. The forward checks again, where it reads them, the fields that can be
+        edited afterwards and still matter (`alignment_mode`, `fixed_alignment_level`, `gate_text_scope`; transformers
+        checks `vision_feature_select_strategy`), with the same errors and nothing to pay on the valid path."""
         if self.alignment_mode not in ALIGNMENT_MODES:
-            raise ValueError(
-                f"Unknown alignment_mode {self.alignment_mode!r}; choose one of {', '.join(ALIGNMENT_MODES)}."
-            )
+            raise unknown_choice("alignment_mode", self.alignment_mode, ALIGNMENT_MODES)
         if self.num_alignment_levels < 2:
             raise ValueError(
                 f"num_alignment_levels must be at least 2 (one global and at least one local level), got "
@@ -124,18 +136,11 @@ class AlignGPTConfig(PreTrainedConfig):
         if self.alignment_mode == "fixed":
             level = self.fixed_alignment_level
             if level is None or not 0 <= level < self.num_alignment_levels:
-                raise ValueError(
-                    f"alignment_mode='fixed' needs fixed_alignment_level in 0..{self.num_alignment_levels - 1}, "
-                    f"got {level!r}. Set e.g. `config.fixed_alignment_level = {self.num_alignment_levels - 1}`."
-                )
+                raise bad_fixed_level(level, self.num_alignment_levels)
         if self.gate_text_scope not in GATE_TEXT_SCOPES:
-            raise ValueError(
-                f"Unknown gate_text_scope {self.gate_text_scope!r}; choose one of {', '.join(GATE_TEXT_SCOPES)}."
-            )
+            raise unknown_choice("gate_text_scope", self.gate_text_scope, GATE_TEXT_SCOPES)
         if self.projector_type not in PROJECTOR_TYPES:
-            raise ValueError(
-                f"Unknown projector_type {self.projector_type!r}; choose one of {', '.join(PROJECTOR_TYPES)}."
-            )
+            raise unknown_choice("projector_type", self.projector_type, PROJECTOR_TYPES)
         if self.vision_feature_select_strategy not in ("default", "full"):
             raise ValueError(
                 "vision_feature_select_strategy must be 'default' (drop CLS) or 'full' (keep every token), got "

@@ -37,7 +37,13 @@ from transformers.utils import is_tracing, logging, torch_compilable_check
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import select_hidden_states
 
-from .configuration_aligngpt import AlignGPTConfig
+from .configuration_aligngpt import (
+    ALIGNMENT_MODES,
+    GATE_TEXT_SCOPES,
+    AlignGPTConfig,
+    bad_fixed_level,
+    unknown_choice,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -61,6 +67,12 @@ class AlignGPTCausalLMOutputWithPast(MultimodalCausalLMOutputWithPast):
     """
 
     alignment_weights: torch.FloatTensor | None = None
+
+
+def _in_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # `tensor.to(dtype)` when it converts: a no-op `.to()` still goes through the dispatcher (~1 us of host time, which
+    # at batch 1 on a GPU is forward time; the eager alignment path would pay it five times)
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 def _features_like(image_features, inputs_embeds: torch.Tensor) -> torch.Tensor:
@@ -167,6 +179,13 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         self.alignment_embeddings = nn.Embedding(config.num_alignment_levels, config.text_config.hidden_size)
         self.alignment_gate = AlignGPTAlignmentGate(config)
         self.language_model = AutoModel.from_config(config.text_config)
+        # Read once, as the modules' widths are: each config read goes through PreTrainedConfig.__getattribute__
+        # (~1 us, ~8 us for the property), and at batch 1 on a GPU host time before the LLM starts is forward time.
+        self.num_image_tokens = config.num_image_tokens  # P, the gate's input width
+        vision_config = config.vision_config
+        self.pixel_values_shape = (
+            getattr(vision_config, "num_channels", 3), vision_config.image_size, vision_config.image_size
+        )
         self.post_init()
 
     def get_input_embeddings(self):
@@ -267,9 +286,8 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         return image_mask, align_mask
 
     def check_pixel_values(self, pixel_values: torch.Tensor):
-        size = self.config.vision_config.image_size
-        channels = getattr(self.config.vision_config, "num_channels", 3)
-        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (channels, size, size):
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != self.pixel_values_shape:
+            channels, size, _ = self.pixel_values_shape
             raise ValueError(
                 f"pixel_values must have shape (num_images, {channels}, {size}, {size}) for this vision tower, got "
                 f"{tuple(pixel_values.shape)}. Preprocess images with the model's AlignGPTProcessor."
@@ -402,7 +420,7 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
             attention_2d = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
             gate_masks = [mask for mask in (attention_2d, gate_text_mask) if mask is not None]
         rows = [input_ids] + [
-            (mask != 0 if mask.is_floating_point() else mask).to(input_ids.dtype) for mask in gate_masks
+            _in_dtype(mask != 0 if mask.is_floating_point() else mask, input_ids.dtype) for mask in gate_masks
         ]
         host = (torch.stack(rows) if len(rows) > 1 else input_ids.unsqueeze(0)).cpu().numpy()  # (1 to 3, batch, seq)
         image_mask = host[0] == self.config.image_token_id  # (batch, seq) NumPy bools from here on
@@ -431,19 +449,21 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         whose images each take `num_patches` consecutive tokens; None otherwise (the merge then scatters by mask)."""
         if image_mask.shape[0] != 1 or num_images == 0:
             return None
-        image_positions = np.flatnonzero(image_mask[0]).reshape(num_images, num_patches)
-        starts = image_positions[:, 0]
-        # sorted positions: num_patches of them spanning num_patches - 1 are consecutive
-        if (image_positions[:, -1] - starts != num_patches - 1).any():
+        image_positions = np.flatnonzero(image_mask[0])  # num_images * num_patches of them (checked)
+        starts = image_positions[::num_patches].tolist()
+        ends = image_positions[num_patches - 1 :: num_patches].tolist()
+        # sorted positions: num_patches of them spanning num_patches - 1 are consecutive (a Python loop over the
+        # images of one row: a few ints, cheaper than NumPy calls)
+        if any(end - start != num_patches - 1 for start, end in zip(starts, ends)):
             return None
-        align_position = int(np.flatnonzero(align_mask[0])[0])
-        return sorted([(align_position, -1)] + [(start, image) for image, start in enumerate(starts.tolist())])
+        align_position = int(align_mask[0].argmax())  # (the row's one <align>: checked)
+        return sorted([(align_position, -1)] + [(start, image) for image, start in enumerate(starts)])
 
     def merge_placeholders(self, inputs_embeds, image_features, alignment_vectors, layout: PlaceholderLayout):
         """`inputs_embeds` with the image features at the `<image>` placeholders (in order) and each row's alignment
         vector at its `<align>`. (batch, seq, hidden), image_features (num_images, P, hidden), vectors (batch, hidden).
         """
-        vectors = alignment_vectors.to(inputs_embeds.dtype)
+        vectors = _in_dtype(alignment_vectors, inputs_embeds.dtype)
         if layout.spans is not None:  # one row: the embeddings between the placeholders, and what fills them
             pieces, cursor = [], 0
             num_patches = image_features.shape[1]
@@ -501,29 +521,33 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
             gate_text, gate_text_counts: [`gate_text_tokens`] and its per-row sums on the host, when the forward
                 computed them already (see [`check_placeholders`]).
         """
-        config = self.config
-        config.validate_alignment()  # the fields may have been edited since the model was built (Python only)
         table = self.alignment_embeddings.weight  # (N, hidden)
-        num_local = config.num_alignment_levels - 1
+        num_local = table.shape[0] - 1
         if alignment_levels is not None:
             # pre-training: the pair's own level; rows without an image read it but their vector is never used
             return self.alignment_embeddings(alignment_levels.to(table.device).view(-1)), None
 
         batch_size = inputs_embeds.shape[0]
-        mode = config.alignment_mode
-        if mode == "global":
-            return table[num_local].expand(batch_size, -1), None
-        if mode == "mean":
-            return (table[num_local] + table[:num_local].mean(0)).expand(batch_size, -1), None
-        if mode == "fixed":
-            return table[config.fixed_alignment_level].expand(batch_size, -1), None
+        # (the config may have been edited since the model was built: a mode, or a level, is checked where it is read)
+        mode = self.config.alignment_mode
+        if mode not in ("adaptive", "local"):
+            if mode == "global":
+                return table[num_local].expand(batch_size, -1), None
+            if mode == "mean":
+                return (table[num_local] + table[:num_local].mean(0)).expand(batch_size, -1), None
+            if mode == "fixed":
+                level = self.config.fixed_alignment_level
+                if not isinstance(level, int) or not 0 <= level <= num_local:
+                    raise bad_fixed_level(level, num_local + 1)
+                return table[level].expand(batch_size, -1), None
+            raise unknown_choice("alignment_mode", mode, ALIGNMENT_MODES)
 
         # adaptive / local: the gate reads d = <image feature j, mean text embedding of the row> (text: see
         # `gate_text_tokens`). (Each line is one or two small kernels: in eager mode on a GPU every op costs a launch,
         # so they are few.)
         if gate_text is None:
             gate_text = self.gate_text_tokens(image_mask, align_mask, attention_mask, gate_text_mask)
-        weights = gate_text.to(inputs_embeds.dtype)
+        weights = _in_dtype(gate_text, inputs_embeds.dtype)  # (the host path's is in that dtype already)
         num_images, num_patches = image_features.shape[:2]
         # one row (the batch-1 forward of generation): every image is that row's, no image->row map needed
         one_row = batch_size == 1 and num_images > 0
@@ -537,7 +561,7 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         else:
             text_sum = torch.bmm(weights.unsqueeze(1), inputs_embeds).squeeze(1)
             text_mean = text_sum / weights.sum(-1, keepdim=True).clamp(min=1)
-        text_mean = text_mean.to(image_features.dtype)  # (batch, hidden)
+        # text_mean: (batch, hidden), in the dtype of the embeddings, which is the image features'
 
         gate = self.alignment_gate
         if one_row:
@@ -552,7 +576,7 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
             affinities = torch.bmm(image_features, text_mean[row_of_image].unsqueeze(-1)).squeeze(-1)  # (I, P)
         # in the gate's dtype, which is the table's (both kept in fp32, or both in the model's dtype), so the mix needs
         # no cast: the softmax kernels accumulate in fp32 whatever the dtype
-        image_weights = torch.softmax(gate(affinities.to(gate.fc1.weight.dtype)), dim=-1)
+        image_weights = torch.softmax(gate(_in_dtype(affinities, gate.fc1.weight.dtype)), dim=-1)
         # Several images in one row: each image gets its own weights, the row's one <align> token uses their mean.
         if one_row:
             row_weights = image_weights if num_images == 1 else image_weights.mean(0, keepdim=True)
@@ -561,7 +585,7 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
             row_weights.index_add_(0, row_of_image, image_weights)
             row_weights = row_weights / images_per_row.clamp(min=1).unsqueeze(-1)
 
-        mix = row_weights.to(table.dtype)
+        mix = _in_dtype(row_weights, table.dtype)
         if mode == "local":
             return mix @ table[:num_local], row_weights
         return torch.addmm(table[num_local], mix, table[:num_local]), row_weights  # E[N-1] + w @ E[:N-1]
@@ -608,13 +632,16 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
             # all checks on the inputs come before the vision tower runs
             if image_outputs is None:
                 self.check_pixel_values(pixel_values)
-                num_images, num_patches = pixel_values.shape[0], self.config.num_image_tokens
+                num_images, num_patches = pixel_values.shape[0], self.num_image_tokens
             else:
                 num_images, num_patches = len(image_outputs.pooler_output), image_outputs.pooler_output[0].shape[0]
             # the gate runs (and needs its text tokens, found with the placeholders) unless levels are given
             gate_runs = alignment_levels is None and self.config.alignment_mode in ("adaptive", "local")
-            if self.config.gate_text_scope != "prompt":
-                gate_text_mask = None  # "conversation": every text token, whatever the batch carries
+            scope = self.config.gate_text_scope
+            if scope != "prompt":
+                if scope != "conversation":
+                    raise unknown_choice("gate_text_scope", scope, GATE_TEXT_SCOPES)
+                gate_text_mask = None  # every text token, whatever the batch carries
             elif gate_text_mask is not None and tuple(gate_text_mask.shape) != tuple(inputs_embeds.shape[:2]):
                 raise ValueError(
                     f"gate_text_mask must have the shape of input_ids, (batch, sequence) = "
@@ -636,7 +663,7 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
             )
             if image_outputs is None:
                 image_outputs = self.get_image_features(
-                    pixel_values=pixel_values.to(self.vision_tower.dtype),
+                    pixel_values=pixel_values,  # (CLIP and SigLIP cast it to their patch embedding's dtype)
                     vision_feature_layer=vision_feature_layer,
                     vision_feature_select_strategy=vision_feature_select_strategy,
                     return_dict=True,
