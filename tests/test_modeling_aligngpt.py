@@ -646,6 +646,23 @@ def test_placeholder_bookkeeping_on_the_host_equals_the_device_path(model, proce
     monkeypatch.delenv("TRANSFORMERS_DISABLE_TORCH_CHECK")
     float_mask = inner.locate_placeholders(ids, embeds, mask.float(), prompt, None, 3, num_patches, True)
     assert torch.equal(float_mask.gate_text, host.gate_text) and float_mask.gate_text_counts == host.gate_text_counts
+    # each row alone (the host path's one-row way, by positions), with and without the masks the gate reads
+    for row, num_images in enumerate((2, 0, 1)):
+        for row_mask, row_prompt in ((mask, prompt), (mask.float(), None), (None, prompt), (None, None)):
+            args = [value[row : row + 1] if value is not None else None for value in (ids, embeds, row_mask, row_prompt)]
+            monkeypatch.delenv("TRANSFORMERS_DISABLE_TORCH_CHECK", raising=False)
+            one_host = inner.locate_placeholders(*args[:2], args[2], args[3], None, num_images, num_patches, True)
+            monkeypatch.setenv("TRANSFORMERS_DISABLE_TORCH_CHECK", "1")
+            one_device = inner.locate_placeholders(*args[:2], args[2], args[3], None, num_images, num_patches, True)
+            assert torch.equal(one_host.gate_text, one_device.gate_text.to(one_host.gate_text.dtype))
+            assert one_host.gate_text_counts == one_device.gate_text.sum(-1).tolist()
+            if row_mask is mask and row_prompt is prompt:
+                assert one_host.gate_text_counts == host.gate_text_counts[row : row + 1]
+            if num_images:  # one run of P tokens per image: spans, which test_one_row_merge_... checks
+                assert one_host.spans is not None and len(one_host.spans) == num_images + 1
+            else:  # no image: masks, all False, as on the device
+                assert one_host.spans is None and not one_host.image_mask.any() and not one_host.align_mask.any()
+    monkeypatch.delenv("TRANSFORMERS_DISABLE_TORCH_CHECK")
     monkeypatch.setenv("TRANSFORMERS_DISABLE_TORCH_CHECK", "1")
     with torch.no_grad():
         from_device = model(**batch, labels=labels)

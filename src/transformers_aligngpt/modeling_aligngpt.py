@@ -423,41 +423,72 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
             _in_dtype(mask != 0 if mask.is_floating_point() else mask, input_ids.dtype) for mask in gate_masks
         ]
         host = (torch.stack(rows) if len(rows) > 1 else input_ids.unsqueeze(0)).cpu().numpy()  # (1 to 3, batch, seq)
-        image_mask = host[0] == self.config.image_token_id  # (batch, seq) NumPy bools from here on
-        align_mask = host[0] == self.config.alignment_token_id
         levels = None if alignment_levels is None else alignment_levels.view(-1).tolist()
-        self._check_counts(image_mask.sum(-1).tolist(), align_mask.sum(-1).tolist(), levels, num_images, num_patches)
-        spans = self._one_row_spans(image_mask, align_mask, num_images, num_patches)
+        image_id, align_id = self.config.image_token_id, self.config.alignment_token_id
+        image_mask = align_mask = spans = text = None
+        if host.shape[1] == 1:
+            # One row (generation's batch-1 forward): the placeholders' positions instead of (batch, seq) masks. Half
+            # the NumPy calls of the masks' way, and their host time halves with them (each NumPy call costs several
+            # times its warm ~1 us right after the vision tower's launches have filled the caches).
+            image_positions = np.flatnonzero(host[0, 0] == image_id)
+            align_positions = np.flatnonzero(host[0, 0] == align_id)
+            self._check_counts([image_positions.size], [align_positions.size], levels, num_images, num_patches)
+            spans = self._one_row_spans(image_positions, align_positions, num_patches)
+            if gate_runs:
+                text = self._one_row_text(image_positions, align_positions, host[1:, 0])
+        else:
+            image_mask = host[0] == image_id  # (batch, seq) NumPy bools from here on
+            align_mask = host[0] == align_id
+            self._check_counts(
+                image_mask.sum(-1).tolist(), align_mask.sum(-1).tolist(), levels, num_images, num_patches
+            )
+            if gate_runs:
+                text = self._text_after_align(image_mask, align_mask, host[1:])  # (masks came over as 0/1 integers)
         layout = PlaceholderLayout(None, None, spans=spans)
         # (non_blocking on CUDA: a blocking host-to-device copy also waits for the stream; from pageable memory the
         # driver has read the source before the call returns, so nothing here can change under the copy)
         non_blocking = device.type == "cuda"
         if gate_runs:
-            text = self._text_after_align(image_mask, align_mask, host[1:])  # (the masks came over as 0/1 integers)
             layout.gate_text_counts = text.sum(-1).tolist()
             # (cast on the CPU, where it is a memcpy-sized loop, not a device kernel)
-            layout.gate_text = torch.from_numpy(text).to(dtype).to(device, non_blocking=non_blocking)
-        if layout.spans is None:  # (with spans nothing reads the masks: the one-row gate has its text tokens)
+            layout.gate_text = _in_dtype(torch.from_numpy(text), dtype).to(device, non_blocking=non_blocking)
+        if spans is None:  # (with spans nothing reads the masks: the one-row gate has its text tokens)
+            if image_mask is None:  # (one row whose images are not each one run: the merge scatters by mask)
+                image_mask, align_mask = host[0] == image_id, host[0] == align_id
             placeholder_masks = torch.from_numpy(np.stack([image_mask, align_mask]))
             placeholder_masks = placeholder_masks.to(device, non_blocking=non_blocking)
             layout.image_mask, layout.align_mask = placeholder_masks[0], placeholder_masks[1]  # two (batch, seq) views
         return layout
 
     @staticmethod
-    def _one_row_spans(image_mask, align_mask, num_images: int, num_patches: int) -> list | None:
-        """[`PlaceholderLayout.spans`] from the host masks (batch, seq) (NumPy, after the checks) of a one-row batch
-        whose images each take `num_patches` consecutive tokens; None otherwise (the merge then scatters by mask)."""
-        if image_mask.shape[0] != 1 or num_images == 0:
+    def _one_row_spans(image_positions, align_positions, num_patches: int) -> list | None:
+        """[`PlaceholderLayout.spans`] of a one-row batch from its sorted `<image>` and `<align>` positions (NumPy,
+        after the checks) when its images each take `num_patches` consecutive tokens; None otherwise (the merge then
+        scatters by mask)."""
+        if image_positions.size == 0:
             return None
-        image_positions = np.flatnonzero(image_mask[0])  # num_images * num_patches of them (checked)
         starts = image_positions[::num_patches].tolist()
         ends = image_positions[num_patches - 1 :: num_patches].tolist()
-        # sorted positions: num_patches of them spanning num_patches - 1 are consecutive (a Python loop over the
-        # images of one row: a few ints, cheaper than NumPy calls)
+        # num_patches sorted positions spanning num_patches - 1 are consecutive (a Python loop over the images of one
+        # row: a few ints, cheaper than NumPy calls)
         if any(end - start != num_patches - 1 for start, end in zip(starts, ends)):
             return None
-        align_position = int(align_mask[0].argmax())  # (the row's one <align>: checked)
+        align_position = int(align_positions[0])  # (the row's one <align>: checked)
         return sorted([(align_position, -1)] + [(start, image) for image, start in enumerate(starts)])
+
+    @staticmethod
+    def _one_row_text(image_positions, align_positions, masks):
+        """[`gate_text_tokens`]'s rule for one row from its placeholder positions (NumPy, after the checks): (1, seq)
+        0/1 integers, 1 after the row's `<align>` except at `<image>` positions and where one of `masks` (k, seq),
+        0/1, is 0. (`test_placeholder_bookkeeping_on_the_host_equals_the_device_path` holds it to the rule.)"""
+        text = np.zeros((1, masks.shape[-1]), dtype=np.int64)
+        if align_positions.size:  # (a row without images has no <align>, and no text for the gate)
+            first = int(align_positions[0]) + 1
+            text[0, first:] = masks[0, first:] if len(masks) else 1
+            for mask in masks[1:]:
+                text[0, first:] *= mask[first:]
+            text[0, image_positions] = 0
+        return text
 
     def merge_placeholders(self, inputs_embeds, image_features, alignment_vectors, layout: PlaceholderLayout):
         """`inputs_embeds` with the image features at the `<image>` placeholders (in order) and each row's alignment
