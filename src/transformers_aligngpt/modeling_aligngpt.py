@@ -428,8 +428,8 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         image_mask = align_mask = spans = text = None
         if host.shape[1] == 1:
             # One row (generation's batch-1 forward): the placeholders' positions instead of (batch, seq) masks. Half
-            # the NumPy calls of the masks' way, and their host time halves with them (each NumPy call costs several
-            # times its warm ~1 us right after the vision tower's launches have filled the caches).
+            # the NumPy calls of the masks' way, and their host time halves with them (in a forward each NumPy call
+            # follows other work that has filled the caches, and costs several times its warm ~1 us).
             image_positions = np.flatnonzero(host[0, 0] == image_id)
             align_positions = np.flatnonzero(host[0, 0] == align_id)
             self._check_counts([image_positions.size], [align_positions.size], levels, num_images, num_patches)
