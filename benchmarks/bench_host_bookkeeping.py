@@ -16,6 +16,11 @@ and inputs (`bench_model.build_tiny_models`, 576 image tokens, 641-token prompt;
 forward the bookkeeping follows other work too (the previous forward's LLM, the embedding), which leaves NumPy's and
 torch's code and data out of the caches: each call then costs several times what it costs warm.
 
+With `--device cuda` the tiny models run on a GPU, where each op's cost is the host's (Python, dispatch, launch) and
+the times are CUDA-event times. A machine without the repository's git history takes the old file instead of a
+revision: `git show REV:src/transformers_aligngpt/modeling_aligngpt.py > .rev/modeling.py` beforehand, then
+`--rev-file .rev/modeling.py --rev REV` (the revision then only names it in the output).
+
     python benchmarks/bench_host_bookkeeping.py --rev ee5fc72 [--scope path] [--after-tower] [--repeats 2000]
 """
 
@@ -38,39 +43,48 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_model as bm  # noqa: E402
-from common import compare  # noqa: E402
+from common import compare, synchronize  # noqa: E402
 
 import transformers_aligngpt.modeling_aligngpt as current  # noqa: E402
 
 MODELING = "src/transformers_aligngpt/modeling_aligngpt.py"
 
 
-def load_modeling_at(rev: str):
-    """`modeling_aligngpt` as it was at `rev` (git show), imported under another name."""
-    root = Path(__file__).resolve().parents[1]
-    shown = subprocess.run(["git", "show", f"{rev}:{MODELING}"], cwd=root, capture_output=True, text=True)
-    if shown.returncode != 0:
-        raise SystemExit(f"--rev {rev}: git cannot show {MODELING} there ({shown.stderr.strip()}); pass a commit of "
-                         "this repository that has the file, e.g. the one before the change you are measuring.")
-    source = shown.stdout
-    path = Path(tempfile.mkdtemp()) / "modeling_at_rev.py"
-    path.write_text(source)
+def load_modeling_at(rev: str, rev_file: str | None = None):
+    """`modeling_aligngpt` as it was at `rev` (git show), or as `rev_file` holds it, imported under another name."""
+    if rev_file is None:
+        root = Path(__file__).resolve().parents[1]
+        shown = subprocess.run(["git", "show", f"{rev}:{MODELING}"], cwd=root, capture_output=True, text=True)
+        if shown.returncode != 0:
+            raise SystemExit(f"--rev {rev}: git cannot show {MODELING} there ({shown.stderr.strip()}); pass a commit "
+                             "of this repository that has the file, e.g. the one before the change you are measuring "
+                             "(or --rev-file, where there is no git history).")
+        path = Path(tempfile.mkdtemp()) / "modeling_at_rev.py"
+        path.write_text(shown.stdout)
+    else:
+        path = Path(rev_file)
+        if not path.is_file():
+            raise SystemExit(f"--rev-file {rev_file}: no such file; write it with `git show {rev}:{MODELING} > "
+                             f"{rev_file}` on a machine with the repository's history.")
     spec = importlib.util.spec_from_file_location("transformers_aligngpt.modeling_at_rev", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def compare_after(sides: dict, before, repeats: int) -> dict:
-    """{name: {"median", "min"}} seconds of each side's calls, each call right after one of `before` (interleaved)."""
+def compare_after(sides: dict, before, repeats: int, device: str) -> dict:
+    """{name: {"median", "min"}} seconds of each side's calls, each call right after one of `before` (interleaved;
+    on a GPU, `before`'s kernels finished first and the call's own waited for)."""
     times = {name: [] for name in sides}
     gc.disable()
     try:
         for r in range(repeats):
             for name in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
                 before()
+                synchronize(device)
                 start = time.perf_counter()
                 sides[name]()
+                synchronize(device)
                 times[name].append(time.perf_counter() - start)
     finally:
         gc.enable()
@@ -80,6 +94,8 @@ def compare_after(sides: dict, before, repeats: int) -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rev", required=True, help="git revision to compare with (e.g. the commit before a change)")
+    p.add_argument("--rev-file", help="modeling_aligngpt.py as it was at --rev (where there is no git history)")
+    p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=2000)
     p.add_argument("--batches", default="1,4")
     p.add_argument("--scope", default="bookkeeping", choices=["bookkeeping", "path", "forward"])
@@ -90,8 +106,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     dtype = getattr(torch, args.dtype)
-    old = load_modeling_at(args.rev)
-    build_args, _, aligngpt = bm.build_tiny_models(dtype)
+    old = load_modeling_at(args.rev, args.rev_file)
+    build_args, _, aligngpt = bm.build_tiny_models(dtype, args.device)
     inner = aligngpt.model
     # the same module, its bookkeeping methods taken from `rev` (a shallow copy shares every parameter)
     if "placeholders_on_host" not in old.AlignGPTModel.__dict__:
@@ -136,14 +152,15 @@ def main(argv=None):
         with torch.no_grad():
             if args.after_tower:
                 pixel_values = inputs["pixel_values"]
-                res = compare_after(sides, lambda: inner.vision_tower(pixel_values), args.repeats)
+                res = compare_after(sides, lambda: inner.vision_tower(pixel_values), args.repeats, args.device)
             else:
-                res = compare(sides, "cpu", warmup=10, repeats=args.repeats)
+                res = compare(sides, args.device, warmup=10, repeats=args.repeats)
         med = {name: res[name]["median"] * 1e6 for name in sides}
         print(json.dumps({
             "batch": batch, "scope": args.scope, "rev": args.rev, "rev_us": round(med["rev"], 1), "current_us": round(med["current"], 1),
             "saved_us": round(med["rev"] - med["current"], 1), "dtype": args.dtype, "after_tower": args.after_tower,
             "rev_min_us": round(res["rev"]["min"] * 1e6, 1), "current_min_us": round(res["current"]["min"] * 1e6, 1),
+            "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
             "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
         }), flush=True)
 

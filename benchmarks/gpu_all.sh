@@ -67,6 +67,19 @@ if [ "${SET:-all}" = path ]; then
   # the path's pieces at tiny widths, where the host's cost per op is the whole cost, and the ids' trip to the host
   # stacked with the attention mask (one kernel, one copy) against two plain copies (~20 s)
   step alignment_path_tiny 60 python3 benchmarks/bench_alignment_path.py --device cuda --repeats 300
+  # the host work cut since an earlier revision, A/B in one process on the GPU (tiny widths; ~60 s): needs the old
+  # modeling file, which a machine without git history cannot show; beforehand, where the history is:
+  #   mkdir -p .rev && echo REV > .rev/rev && git show REV:src/transformers_aligngpt/modeling_aligngpt.py > .rev/modeling.py
+  # and carry .rev with .whl
+  if [ -f .rev/modeling.py ]; then
+    rev=$(cat .rev/rev 2>/dev/null || echo unnamed)
+    for scope in path forward; do
+      step host_ab_$scope 40 python3 benchmarks/bench_host_bookkeeping.py --rev "$rev" --rev-file .rev/modeling.py \
+        --device cuda --scope $scope --batches 1 --repeats 400
+    done
+    step host_ab_path_after_tower 40 python3 benchmarks/bench_host_bookkeeping.py --rev "$rev" \
+      --rev-file .rev/modeling.py --device cuda --scope path --batches 1 --repeats 400 --after-tower
+  fi
   for run in $(seq "${RUNS:-2}"); do
     step forward_b1_$run 90 python3 benchmarks/bench_model.py --device cuda --shapes 7b --cases forward --profile \
       --profile-batch 1 --repeats ${REPEATS:-201} --out "$OUT/bench_7b_forward_b1.jsonl"
