@@ -270,9 +270,11 @@ def alignment_path(inner, input_ids, attention_mask, image_features):
     layout = inner.locate_placeholders(
         input_ids, inputs_embeds, attention_mask, None, None, num_images, num_patches, True
     )
+    # (gate_text_runs only where the layout has them: bench_host_bookkeeping.py runs this with older revisions too)
+    runs = {"gate_text_runs": layout.gate_text_runs} if getattr(layout, "gate_text_runs", None) is not None else {}
     vectors, _ = inner.compute_alignment_vectors(
         image_features, inputs_embeds, layout.image_mask, layout.align_mask, attention_mask, None, None,
-        layout.gate_text, layout.gate_text_counts,
+        layout.gate_text, layout.gate_text_counts, **runs,
     )
     return inner.merge_placeholders(inputs_embeds, image_features, vectors, layout)
 

@@ -654,7 +654,17 @@ def test_placeholder_bookkeeping_on_the_host_equals_the_device_path(model, proce
             one_host = inner.locate_placeholders(*args[:2], args[2], args[3], None, num_images, num_patches, True)
             monkeypatch.setenv("TRANSFORMERS_DISABLE_TORCH_CHECK", "1")
             one_device = inner.locate_placeholders(*args[:2], args[2], args[3], None, num_images, num_patches, True)
-            assert torch.equal(one_host.gate_text, one_device.gate_text.to(one_host.gate_text.dtype))
+            # with images and no mask cutting the text after <align>: runs of positions instead of a 0/1 vector
+            cut = (row_prompt is not None or padding_side == "right" and row_mask is not None
+                   and not bool(row_mask[row, -1]))
+            assert (one_host.gate_text_runs is not None) == (num_images > 0 and not cut)
+            host_text = one_host.gate_text
+            if one_host.gate_text_runs is not None:
+                assert one_host.gate_text is None
+                host_text = torch.zeros_like(one_device.gate_text, dtype=embeds.dtype)
+                for start, end in one_host.gate_text_runs:
+                    host_text[0, start:end] = 1
+            assert torch.equal(host_text, one_device.gate_text.to(host_text.dtype))
             assert one_host.gate_text_counts == one_device.gate_text.sum(-1).tolist()
             if row_mask is mask and row_prompt is prompt:
                 assert one_host.gate_text_counts == host.gate_text_counts[row : row + 1]
@@ -677,6 +687,24 @@ def test_placeholder_bookkeeping_on_the_host_equals_the_device_path(model, proce
     # one row: the host count makes the text mean one baddbmm; the device path divides by a device sum
     torch.testing.assert_close(one_row_host.alignment_weights, one_row_device.alignment_weights, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(one_row_host.logits, one_row_device.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_one_row_without_text_after_align_gives_the_gate_a_zero_text_mean(model, processor, images, monkeypatch):
+    # [bos, <align>, <image> x P] and nothing after: no text tokens, no runs; both paths read a zero text mean
+    inputs = processor(images=images[:1], text=["<image>"], return_tensors="pt")
+    assert inputs["input_ids"].shape[1] == 2 + model.config.num_image_tokens
+    inner = model.model
+    embeds = inner.get_input_embeddings()(inputs["input_ids"])
+    layout = inner.locate_placeholders(inputs["input_ids"], embeds, inputs["attention_mask"], None, None, 1,
+                                       model.config.num_image_tokens, True)
+    assert layout.gate_text_runs == [] and layout.gate_text_counts == [0]
+    with torch.no_grad():
+        on_host = model(**inputs)
+        monkeypatch.setenv("TRANSFORMERS_DISABLE_TORCH_CHECK", "1")
+        on_device = model(**inputs)
+    assert torch.isfinite(on_host.logits).all()
+    torch.testing.assert_close(on_host.alignment_weights, on_device.alignment_weights, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(on_host.logits, on_device.logits, atol=1e-5, rtol=1e-5)
 
 
 def test_one_row_merge_by_slices_equals_the_masked_merge(model, processor, images, monkeypatch):

@@ -94,6 +94,9 @@ class PlaceholderLayout:
     spans: one row whose images are each P consecutive tokens: `(position, image index)` of every placeholder run in
         order, -1 for `<align>`. The merge is then one `torch.cat` of slices (one kernel) instead of `masked_scatter`
         (a clone, a prefix sum and a scatter) and a `where`.
+    gate_text_runs: with `spans`, when no mask cuts the text after `<align>`: the gate's text tokens as `[start, end)`
+        runs of positions (the gaps between the image runs), in place of `gate_text`. Their mean is then that of a
+        `cat` of those slices, with no 0/1 vector built on the host and copied to the device.
     """
 
     image_mask: torch.BoolTensor | None
@@ -101,6 +104,7 @@ class PlaceholderLayout:
     gate_text: torch.Tensor | None = None
     gate_text_counts: list | None = None
     spans: list | None = None
+    gate_text_runs: list | None = None
 
 
 class AlignGPTMultiModalProjector(nn.Module):
@@ -425,7 +429,7 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         host = (torch.stack(rows) if len(rows) > 1 else input_ids.unsqueeze(0)).cpu().numpy()  # (1 to 3, batch, seq)
         levels = None if alignment_levels is None else alignment_levels.view(-1).tolist()
         image_id, align_id = self.config.image_token_id, self.config.alignment_token_id
-        image_mask = align_mask = spans = text = None
+        image_mask = align_mask = spans = text = runs = None
         if host.shape[1] == 1:
             # One row (generation's batch-1 forward): the placeholders' positions instead of (batch, seq) masks. Half
             # the NumPy calls of the masks' way, and their host time halves with them (in a forward each NumPy call
@@ -435,7 +439,9 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
             self._check_counts([image_positions.size], [align_positions.size], levels, num_images, num_patches)
             spans = self._one_row_spans(image_positions, align_positions, num_patches)
             if gate_runs:
-                text = self._one_row_text(image_positions, align_positions, host[1:, 0])
+                runs = self._one_row_text_runs(spans, host[1:, 0], num_patches)
+                if runs is None:  # (a mask cuts the text: the 0/1 vector)
+                    text = self._one_row_text(image_positions, align_positions, host[1:, 0])
         else:
             image_mask = host[0] == image_id  # (batch, seq) NumPy bools from here on
             align_mask = host[0] == align_id
@@ -445,10 +451,13 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
             if gate_runs:
                 text = self._text_after_align(image_mask, align_mask, host[1:])  # (masks came over as 0/1 integers)
         layout = PlaceholderLayout(None, None, spans=spans)
+        if runs is not None:
+            layout.gate_text_runs = runs
+            layout.gate_text_counts = [sum(end - start for start, end in runs)]
         # (non_blocking on CUDA: a blocking host-to-device copy also waits for the stream; from pageable memory the
         # driver has read the source before the call returns, so nothing here can change under the copy)
         non_blocking = device.type == "cuda"
-        if gate_runs:
+        if text is not None:
             layout.gate_text_counts = text.sum(-1).tolist()
             # (cast on the CPU, where it is a memcpy-sized loop, not a device kernel)
             layout.gate_text = _in_dtype(torch.from_numpy(text), dtype).to(device, non_blocking=non_blocking)
@@ -475,6 +484,27 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
             return None
         align_position = int(align_positions[0])  # (the row's one <align>: checked)
         return sorted([(align_position, -1)] + [(start, image) for image, start in enumerate(starts)])
+
+    @staticmethod
+    def _one_row_text_runs(spans, masks, num_patches: int) -> list | None:
+        """[`gate_text_tokens`]'s rule for one row as `[start, end)` runs of positions, from its `spans` (after the
+        checks): everything after `<align>` but the image runs, when none of `masks` (k, seq), 0/1, has a 0 there.
+        None when that does not hold (no spans, or a padding / prompt mask that cuts the text): the caller then builds
+        the 0/1 vector. A few Python ints, where the vector takes several NumPy calls, a cast and a device copy."""
+        if spans is None:
+            return None
+        first = next(position for position, image in spans if image < 0) + 1  # right after <align>
+        if not masks[:, first:].all():
+            return None
+        runs, cursor = [], first
+        for start, image in spans:
+            if image >= 0 and start + num_patches > cursor:  # (an image before <align> is not text either way)
+                if start > cursor:
+                    runs.append((cursor, start))
+                cursor = start + num_patches
+        if cursor < masks.shape[-1]:
+            runs.append((cursor, masks.shape[-1]))
+        return runs
 
     @staticmethod
     def _one_row_text(image_positions, align_positions, masks):
@@ -543,6 +573,7 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         gate_text_mask: torch.BoolTensor | None,
         gate_text: torch.Tensor | None = None,
         gate_text_counts: list | None = None,
+        gate_text_runs: list | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One alignment vector per row, (batch, hidden), and the gate weights (batch, N-1) when the gate ran.
 
@@ -551,6 +582,8 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
             inputs_embeds: (batch, seq, hidden), token embeddings *before* the placeholders are filled.
             gate_text, gate_text_counts: [`gate_text_tokens`] and its per-row sums on the host, when the forward
                 computed them already (see [`check_placeholders`]).
+            gate_text_runs: one row: those tokens as `[start, end)` runs of positions instead of `gate_text` (see
+                [`PlaceholderLayout`]).
         """
         table = self.alignment_embeddings.weight  # (N, hidden)
         num_local = table.shape[0] - 1
@@ -576,22 +609,29 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         # adaptive / local: the gate reads d = <image feature j, mean text embedding of the row> (text: see
         # `gate_text_tokens`). (Each line is one or two small kernels: in eager mode on a GPU every op costs a launch,
         # so they are few.)
-        if gate_text is None:
-            gate_text = self.gate_text_tokens(image_mask, align_mask, attention_mask, gate_text_mask)
-        weights = _in_dtype(gate_text, inputs_embeds.dtype)  # (the host path's is in that dtype already)
         num_images, num_patches = image_features.shape[:2]
         # one row (the batch-1 forward of generation): every image is that row's, no image->row map needed
         one_row = batch_size == 1 and num_images > 0
-        # the masked mean as one batched matmul, without a (batch, seq, hidden) temporary; with the row's token
-        # count already on the host, the division is the matmul's `alpha` (2 kernels fewer)
-        if one_row and gate_text_counts is not None:
-            ignored = inputs_embeds.detach()[:, :1]  # (beta=0: baddbmm's `input` is not read; kept out of autograd)
-            text_mean = torch.baddbmm(
-                ignored, weights.unsqueeze(1), inputs_embeds, beta=0, alpha=1 / max(gate_text_counts[0], 1)
-            ).squeeze(1)
+        if one_row and gate_text_runs is not None:  # the text tokens as runs of positions: the mean of their slices
+            pieces = [inputs_embeds[:, start:end] for start, end in gate_text_runs]
+            if not pieces:  # (no text after <align>: a zero mean, as the masked mean below gives)
+                text_mean = inputs_embeds.new_zeros(1, inputs_embeds.shape[-1])
+            else:
+                text_mean = (torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]).mean(1)
         else:
-            text_sum = torch.bmm(weights.unsqueeze(1), inputs_embeds).squeeze(1)
-            text_mean = text_sum / weights.sum(-1, keepdim=True).clamp(min=1)
+            if gate_text is None:
+                gate_text = self.gate_text_tokens(image_mask, align_mask, attention_mask, gate_text_mask)
+            weights = _in_dtype(gate_text, inputs_embeds.dtype)  # (the host path's is in that dtype already)
+            # the masked mean as one batched matmul, without a (batch, seq, hidden) temporary; with the row's token
+            # count already on the host, the division is the matmul's `alpha` (2 kernels fewer)
+            if one_row and gate_text_counts is not None:
+                ignored = inputs_embeds.detach()[:, :1]  # (beta=0: baddbmm's `input` is not read; out of autograd)
+                text_mean = torch.baddbmm(
+                    ignored, weights.unsqueeze(1), inputs_embeds, beta=0, alpha=1 / max(gate_text_counts[0], 1)
+                ).squeeze(1)
+            else:
+                text_sum = torch.bmm(weights.unsqueeze(1), inputs_embeds).squeeze(1)
+                text_mean = text_sum / weights.sum(-1, keepdim=True).clamp(min=1)
         # text_mean: (batch, hidden), in the dtype of the embeddings, which is the image features'
 
         gate = self.alignment_gate
@@ -702,7 +742,7 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
             image_features = _features_like(image_outputs.pooler_output, inputs_embeds)
             alignment_vectors, alignment_weights = self.compute_alignment_vectors(
                 image_features, inputs_embeds, layout.image_mask, layout.align_mask, attention_mask, alignment_levels,
-                gate_text_mask, layout.gate_text, layout.gate_text_counts,
+                gate_text_mask, layout.gate_text, layout.gate_text_counts, layout.gate_text_runs,
             )
             inputs_embeds = self.merge_placeholders(inputs_embeds, image_features, alignment_vectors, layout)
         elif input_ids is not None and input_ids.shape[1] > 1:
