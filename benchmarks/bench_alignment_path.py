@@ -6,7 +6,7 @@ non-view aten ops each side dispatches (a `TorchDispatchMode` log) and times bot
 as launch overhead does on a GPU. Both sides run on the same tensors of models that share their weights
 (`bench_model.build_models`), interleaved; one JSON line per batch size. On the CPU every op is a host op. AlignGPT's
 placeholder bookkeeping runs on the CPU even for a GPU model (`AlignGPTModel.placeholders_on_host`: one copy of the
-ids over, the masks, checks and gate tokens in NumPy, one or two copies back): its NumPy work is no aten op, so it
+ids over, the masks, checks and gate tokens in NumPy, at most two copies back): its NumPy work is no aten op, so it
 shows in the times (`bookkeeping_host_us`) and not in the op counts; `bench_model.py --profile` on a GPU counts the
 ops that reach the device.
 

@@ -72,6 +72,18 @@ def load_modeling_at(rev: str, rev_file: str | None = None):
     return module
 
 
+def gate_tokens(layout, input_ids) -> torch.Tensor:
+    """The gate's text tokens of a layout as a (batch, seq) 0/1 tensor, whether it holds them as `gate_text` or, for
+    one row since b621872, as `gate_text_runs`."""
+    runs = getattr(layout, "gate_text_runs", None)
+    if runs is None:
+        return layout.gate_text.float().cpu()
+    tokens = torch.zeros(input_ids.shape, dtype=torch.float32)
+    for start, end in runs:
+        tokens[0, start:end] = 1
+    return tokens
+
+
 def compare_after(sides: dict, before, repeats: int, device: str) -> dict:
     """{name: {"median", "min"}} seconds of each side's calls, each call right after one of `before` (interleaved;
     on a GPU, `before`'s kernels finished first and the call's own waited for)."""
@@ -118,7 +130,7 @@ def main(argv=None):
                    if isinstance(value, (staticmethod, classmethod)) or callable(value) and not name.startswith("__")}
     else:
         methods = {name: old.AlignGPTModel.__dict__[name]
-                   for name in ("placeholders_on_host", "_one_row_spans", "_one_row_text", "_text_after_align")
+                   for name in ("placeholders_on_host", "_one_row_spans", "_one_row_text_runs", "_text_after_align")
                    if name in old.AlignGPTModel.__dict__}
     inner_old = copy.copy(inner)
     inner_old.__class__ = type("AlignGPTModelAtRev", (current.AlignGPTModel,), methods)
@@ -148,7 +160,7 @@ def main(argv=None):
                      "current": lambda: inner.placeholders_on_host(*call_args)}
             a, b = sides["rev"](), sides["current"]()
             assert a.spans == b.spans and a.gate_text_counts == b.gate_text_counts
-            assert torch.equal(a.gate_text, b.gate_text)
+            assert torch.equal(gate_tokens(a, ids), gate_tokens(b, ids))
         with torch.no_grad():
             if args.after_tower:
                 pixel_values = inputs["pixel_values"]

@@ -405,7 +405,8 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
     ) -> PlaceholderLayout:
         """The eager forward's placeholder bookkeeping, done on the CPU: the [`PlaceholderLayout`] that
         [`get_placeholder_masks`], [`gate_text_tokens`] and [`check_placeholders`] give on the device, with
-        `gate_text` already in `dtype`, and `spans` for one row whose images are runs of P tokens.
+        `gate_text` already in `dtype`, and `spans` (and, when no mask cuts the text, `gate_text_runs` in place of
+        `gate_text`) for one row whose images are runs of P tokens.
 
         Why on the host: at batch 1 a GPU runs the CLIP tower's kernels faster than Python launches them, so the small
         ops between the tower and the LLM start on an idle GPU and each costs its launch (~25 us on an H100 host),
@@ -413,8 +414,9 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         checks need anyway; masks, counts, checks, the gate's text tokens and the spans are a few NumPy ops on
         (batch, seq) integers (each ~1 us, against ~5 us for a torch op on the CPU, and every microsecond of host
         time before the LLM is a microsecond of an idle GPU); the gate's tokens go back in one copy, and the masks in
-        another only when the merge needs them (several rows). One row: 3 device ops (stack, 2 copies) where the
-        device path takes 10, and the merge is one `cat` instead of `masked_scatter` + `where`."""
+        another only when the merge needs them (several rows). One row: 2 device ops (stack, the copy over; a third,
+        the gate's tokens back, only when a mask cuts the text) where the device path takes 10, and the merge is one
+        `cat` instead of `masked_scatter` + `where`."""
         device = input_ids.device
         self._check_level_count(alignment_levels, input_ids.shape[0])
         # the 2D masks the gate reads ride along in the ids' copy (2D padding masks are 0/1; read as bool, as
@@ -430,7 +432,8 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         levels = None if alignment_levels is None else alignment_levels.view(-1).tolist()
         image_id, align_id = self.config.image_token_id, self.config.alignment_token_id
         image_mask = align_mask = spans = text = runs = None
-        if host.shape[1] == 1:
+        one_row = host.shape[1] == 1
+        if one_row:
             # One row (generation's batch-1 forward): the placeholders' positions instead of (batch, seq) masks. Half
             # the NumPy calls of the masks' way, and their host time halves with them (in a forward each NumPy call
             # follows other work that has filled the caches, and costs several times its warm ~1 us).
@@ -438,17 +441,17 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
             align_positions = np.flatnonzero(host[0, 0] == align_id)
             self._check_counts([image_positions.size], [align_positions.size], levels, num_images, num_patches)
             spans = self._one_row_spans(image_positions, align_positions, num_patches)
-            if gate_runs:
-                runs = self._one_row_text_runs(spans, host[1:, 0], num_patches)
-                if runs is None:  # (a mask cuts the text: the 0/1 vector)
-                    text = self._one_row_text(image_positions, align_positions, host[1:, 0])
-        else:
+            runs = self._one_row_text_runs(spans, host[1:, 0], num_patches) if gate_runs else None
+        # the masks' way: several rows, or one row whose merge scatters by mask (images not each one run) or whose
+        # text a mask cuts (the gate's tokens as a 0/1 vector)
+        if not one_row or spans is None or (gate_runs and runs is None):
             image_mask = host[0] == image_id  # (batch, seq) NumPy bools from here on
             align_mask = host[0] == align_id
-            self._check_counts(
-                image_mask.sum(-1).tolist(), align_mask.sum(-1).tolist(), levels, num_images, num_patches
-            )
-            if gate_runs:
+            if not one_row:
+                self._check_counts(
+                    image_mask.sum(-1).tolist(), align_mask.sum(-1).tolist(), levels, num_images, num_patches
+                )
+            if gate_runs and runs is None:
                 text = self._text_after_align(image_mask, align_mask, host[1:])  # (masks came over as 0/1 integers)
         layout = PlaceholderLayout(None, None, spans=spans)
         if runs is not None:
@@ -462,8 +465,6 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
             # (cast on the CPU, where it is a memcpy-sized loop, not a device kernel)
             layout.gate_text = _in_dtype(torch.from_numpy(text), dtype).to(device, non_blocking=non_blocking)
         if spans is None:  # (with spans nothing reads the masks: the one-row gate has its text tokens)
-            if image_mask is None:  # (one row whose images are not each one run: the merge scatters by mask)
-                image_mask, align_mask = host[0] == image_id, host[0] == align_id
             placeholder_masks = torch.from_numpy(np.stack([image_mask, align_mask]))
             placeholder_masks = placeholder_masks.to(device, non_blocking=non_blocking)
             layout.image_mask, layout.align_mask = placeholder_masks[0], placeholder_masks[1]  # two (batch, seq) views
@@ -505,20 +506,6 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         if cursor < masks.shape[-1]:
             runs.append((cursor, masks.shape[-1]))
         return runs
-
-    @staticmethod
-    def _one_row_text(image_positions, align_positions, masks):
-        """[`gate_text_tokens`]'s rule for one row from its placeholder positions (NumPy, after the checks): (1, seq)
-        0/1 integers, 1 after the row's `<align>` except at `<image>` positions and where one of `masks` (k, seq),
-        0/1, is 0. (`test_placeholder_bookkeeping_on_the_host_equals_the_device_path` holds it to the rule.)"""
-        text = np.zeros((1, masks.shape[-1]), dtype=np.int64)
-        if align_positions.size:  # (a row without images has no <align>, and no text for the gate)
-            first = int(align_positions[0]) + 1
-            text[0, first:] = masks[0, first:] if len(masks) else 1
-            for mask in masks[1:]:
-                text[0, first:] *= mask[first:]
-            text[0, image_positions] = 0
-        return text
 
     def merge_placeholders(self, inputs_embeds, image_features, alignment_vectors, layout: PlaceholderLayout):
         """`inputs_embeds` with the image features at the `<image>` placeholders (in order) and each row's alignment
