@@ -12,8 +12,9 @@ ops that reach the device.
 
 With `--device cuda` the same tiny models run on a GPU, where tiny widths leave the host's cost per op (Python,
 dispatch, launch) as the whole cost: the op counts are then the ops that reach the device, and two more sides time
-the ids' trip to the host as the forward makes it (`stack` of ids and attention mask, one copy) against two plain
-copies (no kernel, one more transfer).
+the ids' trip to the host: two plain copies of ids and attention mask (as the forward makes it), a `stack` of both
+and one copy (as it did up to beca395), and the mask's copy without a wait followed by the ids' blocking copy (one
+host sync).
 
     python benchmarks/bench_alignment_path.py [--batches 1,4] [--repeats 300] [--dtype bfloat16] [--device cuda]
 """
@@ -70,6 +71,9 @@ def main(argv=None):
             if device_type != "cpu":  # (on the CPU both are no-ops)
                 sides["ids_to_host_stacked"] = lambda: torch.stack([a_ids, a_mask]).cpu()
                 sides["ids_to_host_separate"] = lambda: (a_ids.cpu(), a_mask.cpu())
+                # the mask's copy queued without a wait (into pinned memory), the ids' blocking copy then waiting for
+                # both: one host sync instead of two
+                sides["ids_to_host_one_sync"] = lambda: (a_mask.to("cpu", non_blocking=True), a_ids.cpu())
             ops = {}
             for name, fn in sides.items():
                 with OpLog() as log:

@@ -5,6 +5,8 @@ against the model itself.
 """
 
 import copy
+import inspect
+import re
 
 import pytest
 import torch
@@ -378,6 +380,25 @@ def test_config_edited_after_loading_is_checked_again(model, processor, images, 
         for name, value in saved.items():
             setattr(model.config, name, value)
     model(**inputs)  # and the restored config works again
+
+
+def test_config_fields_read_past_attribute_map_are_read_live_and_never_aliased(model, processor, images):
+    from transformers_aligngpt import modeling_aligngpt
+
+    # `_config_field` skips PreTrainedConfig's attribute_map lookup, which is only right for fields nothing aliases
+    fields = set(re.findall(r'_config_field\(\w+(?:\.config)?, "(\w+)"\)', inspect.getsource(modeling_aligngpt)))
+    assert fields >= {"image_token_id", "alignment_token_id", "alignment_mode", "gate_text_scope"}
+    assert not fields & (set(model.config.attribute_map) | set(model.config.attribute_map.values()))
+    # and it reads the config as it is now: an edited placeholder id is the one the forward looks for
+    inputs = processor(images=images[:1], text=["<image>a box\n"], return_tensors="pt")
+    saved = model.config.image_token_id
+    model.config.image_token_id = model.config.alignment_token_id + 1
+    try:
+        with pytest.raises(ValueError, match="image"):
+            model(**inputs)
+    finally:
+        model.config.image_token_id = saved
+    model(**inputs)
 
 
 def test_an_unknown_vision_feature_select_strategy_is_rejected(model, processor, images):

@@ -75,6 +75,16 @@ def _in_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
+def _config_field(config, name: str):
+    # `config.<name>` without `PreTrainedConfig.__getattribute__`, which looks `name` up in `attribute_map` on every
+    # read (~2 us each, several times that with cold caches; the eager forward reads five fields per call). Only for
+    # fields that `attribute_map` does not alias: AlignGPTConfig aliases none. (Dynamo cannot trace the bypass, and
+    # reads config fields at compile time anyway.)
+    if torch.compiler.is_compiling():
+        return getattr(config, name)
+    return object.__getattribute__(config, name)
+
+
 def _features_like(image_features, inputs_embeds: torch.Tensor) -> torch.Tensor:
     """Projected image features, a tensor or a per-image list (`mm_encoder_outputs`), as one (num_images, P, hidden)
     tensor on the embeddings' device and in their dtype."""
@@ -410,55 +420,61 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
 
         Why on the host: at batch 1 a GPU runs the CLIP tower's kernels faster than Python launches them, so the small
         ops between the tower and the LLM start on an idle GPU and each costs its launch (~25 us on an H100 host),
-        whatever its arithmetic. Here the ids (with the 2D masks the gate reads) come over in one copy, which the
-        checks need anyway; masks, counts, checks, the gate's text tokens and the spans are a few NumPy ops on
+        whatever its arithmetic. Here the ids (and the 2D masks the gate reads) come over, which the checks need
+        anyway; masks, counts, checks, the gate's text tokens and the spans are a few NumPy ops on
         (batch, seq) integers (each ~1 us, against ~5 us for a torch op on the CPU, and every microsecond of host
         time before the LLM is a microsecond of an idle GPU); the gate's tokens go back in one copy, and the masks in
-        another only when the merge needs them (several rows). One row: 2 device ops (stack, the copy over; a third,
-        the gate's tokens back, only when a mask cuts the text) where the device path takes 10, and the merge is one
+        another only when the merge needs them (several rows). One row: 2 device ops (the copies over of the ids and
+        the attention mask; a third, the gate's tokens back, only when a mask cuts the text) where the device path
+        takes 10, and the merge is one
         `cat` instead of `masked_scatter` + `where`."""
-        device = input_ids.device
         self._check_level_count(alignment_levels, input_ids.shape[0])
-        # the 2D masks the gate reads ride along in the ids' copy (2D padding masks are 0/1; read as bool, as
+        # the 2D masks the gate reads come over with the ids (2D padding masks are 0/1; read as bool, as
         # transformers does)
         gate_masks = []
         if gate_runs:
             attention_2d = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
             gate_masks = [mask for mask in (attention_2d, gate_text_mask) if mask is not None]
-        rows = [input_ids] + [
-            _in_dtype(mask != 0 if mask.is_floating_point() else mask, input_ids.dtype) for mask in gate_masks
-        ]
-        host = (torch.stack(rows) if len(rows) > 1 else input_ids.unsqueeze(0)).cpu().numpy()  # (1 to 3, batch, seq)
+        # One plain copy each (on an H200, ids + attention mask took 50 us as two copies and 80 us as a device
+        # `stack` + one copy: a kernel's launch and wait cost more than a second transfer of a few KB), kept as
+        # separate (batch, seq) arrays (stacking them on the host is one more NumPy call).
+        ids = input_ids.cpu().numpy()
+        masks = [(mask != 0 if mask.is_floating_point() else mask).cpu().numpy() for mask in gate_masks]  # bool or 0/1
         levels = None if alignment_levels is None else alignment_levels.view(-1).tolist()
-        image_id, align_id = self.config.image_token_id, self.config.alignment_token_id
+        config = self.config
+        image_id, align_id = _config_field(config, "image_token_id"), _config_field(config, "alignment_token_id")
         image_mask = align_mask = spans = text = runs = None
-        one_row = host.shape[1] == 1
+        one_row = ids.shape[0] == 1
         if one_row:
             # One row (generation's batch-1 forward): the placeholders' positions instead of (batch, seq) masks. Half
             # the NumPy calls of the masks' way, and their host time halves with them (in a forward each NumPy call
             # follows other work that has filled the caches, and costs several times its warm ~1 us).
-            image_positions = np.flatnonzero(host[0, 0] == image_id)
-            align_positions = np.flatnonzero(host[0, 0] == align_id)
+            image_positions = np.flatnonzero(ids[0] == image_id)
+            align_positions = np.flatnonzero(ids[0] == align_id)
             self._check_counts([image_positions.size], [align_positions.size], levels, num_images, num_patches)
             spans = self._one_row_spans(image_positions, align_positions, num_patches)
-            runs = self._one_row_text_runs(spans, host[1:, 0], num_patches) if gate_runs else None
+            if gate_runs:
+                runs = self._one_row_text_runs(spans, [mask[0] for mask in masks], ids.shape[1], num_patches)
         # the masks' way: several rows, or one row whose merge scatters by mask (images not each one run) or whose
         # text a mask cuts (the gate's tokens as a 0/1 vector)
         if not one_row or spans is None or (gate_runs and runs is None):
-            image_mask = host[0] == image_id  # (batch, seq) NumPy bools from here on
-            align_mask = host[0] == align_id
+            image_mask = ids == image_id  # (batch, seq) NumPy bools from here on
+            align_mask = ids == align_id
             if not one_row:
                 self._check_counts(
                     image_mask.sum(-1).tolist(), align_mask.sum(-1).tolist(), levels, num_images, num_patches
                 )
             if gate_runs and runs is None:
-                text = self._text_after_align(image_mask, align_mask, host[1:])  # (masks came over as 0/1 integers)
+                text = self._text_after_align(image_mask, align_mask, masks)
         layout = PlaceholderLayout(None, None, spans=spans)
         if runs is not None:
             layout.gate_text_runs = runs
             layout.gate_text_counts = [sum(end - start for start, end in runs)]
+        if text is None and spans is not None:
+            return layout
         # (non_blocking on CUDA: a blocking host-to-device copy also waits for the stream; from pageable memory the
         # driver has read the source before the call returns, so nothing here can change under the copy)
+        device = input_ids.device
         non_blocking = device.type == "cuda"
         if text is not None:
             layout.gate_text_counts = text.sum(-1).tolist()
@@ -487,15 +503,16 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         return sorted([(align_position, -1)] + [(start, image) for image, start in enumerate(starts)])
 
     @staticmethod
-    def _one_row_text_runs(spans, masks, num_patches: int) -> list | None:
+    def _one_row_text_runs(spans, masks, seq_len: int, num_patches: int) -> list | None:
         """[`gate_text_tokens`]'s rule for one row as `[start, end)` runs of positions, from its `spans` (after the
-        checks): everything after `<align>` but the image runs, when none of `masks` (k, seq), 0/1, has a 0 there.
+        checks): everything after `<align>` but the image runs, when none of `masks` (each (seq,), bool or 0/1) has a
+        0 there.
         None when that does not hold (no spans, or a padding / prompt mask that cuts the text): the caller then builds
         the 0/1 vector. A few Python ints, where the vector takes several NumPy calls, a cast and a device copy."""
         if spans is None:
             return None
         first = next(position for position, image in spans if image < 0) + 1  # right after <align>
-        if not masks[:, first:].all():
+        if not all(mask[first:].all() for mask in masks):
             return None
         runs, cursor = [], first
         for start, image in spans:
@@ -503,8 +520,8 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
                 if start > cursor:
                     runs.append((cursor, start))
                 cursor = start + num_patches
-        if cursor < masks.shape[-1]:
-            runs.append((cursor, masks.shape[-1]))
+        if cursor < seq_len:
+            runs.append((cursor, seq_len))
         return runs
 
     def merge_placeholders(self, inputs_embeds, image_features, alignment_vectors, layout: PlaceholderLayout):
@@ -580,7 +597,7 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
 
         batch_size = inputs_embeds.shape[0]
         # (the config may have been edited since the model was built: a mode, or a level, is checked where it is read)
-        mode = self.config.alignment_mode
+        mode = _config_field(self.config, "alignment_mode")
         if mode not in ("adaptive", "local"):
             if mode == "global":
                 return table[num_local].expand(batch_size, -1), None
@@ -694,8 +711,9 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
             else:
                 num_images, num_patches = len(image_outputs.pooler_output), image_outputs.pooler_output[0].shape[0]
             # the gate runs (and needs its text tokens, found with the placeholders) unless levels are given
-            gate_runs = alignment_levels is None and self.config.alignment_mode in ("adaptive", "local")
-            scope = self.config.gate_text_scope
+            mode = _config_field(self.config, "alignment_mode")
+            gate_runs = alignment_levels is None and mode in ("adaptive", "local")
+            scope = _config_field(self.config, "gate_text_scope")
             if scope != "prompt":
                 if scope != "conversation":
                     raise unknown_choice("gate_text_scope", scope, GATE_TEXT_SCOPES)
