@@ -434,11 +434,13 @@ def greedy_agreement(tokens, ref_tokens, ref_gaps) -> dict:
     return result
 
 
-def generation_inputs(args, dtype, image_size, num_image_tokens, batch_size) -> tuple[dict, int]:
+def generation_inputs(args, dtype, image_size, num_image_tokens, batch_size, same_len=False) -> tuple[dict, int]:
     """({model: left-padded generation batch}, static cache length) for a batch size: the same cache length for both
-    models, a multiple of 64 (identical shapes, no recompilation between them)."""
+    models, a multiple of 64 (identical shapes, no recompilation between them). `same_len`: also LLaVA's batch at
+    AlignGPT's length (`llava_same_len`, a text token in each `<align>` slot)."""
     rows = generation_rows(batch_size, num_image_tokens, seed=300 + batch_size, question_max=args.question_max)
-    batches = batch_for(args, rows, image_size, dtype, "left", False, 400 + batch_size, ["aligngpt", "llava"])
+    names = ["aligngpt", "llava"] + (["llava_same_len"] if same_len else [])
+    batches = batch_for(args, rows, image_size, dtype, "left", False, 400 + batch_size, names)
     longest = max(b["input_ids"].shape[1] for b in batches.values())
     return batches, -(-(longest + args.new_tokens) // 64) * 64
 
@@ -486,12 +488,16 @@ def graph_breaks() -> int:
 
 def case_generate(args, rec, llava, aligngpt, dtype, image_size, num_image_tokens, batch_size, path, references):
     models = {"aligngpt": aligngpt, "llava": llava}
-    batches, max_cache_len = generation_inputs(args, dtype, image_size, num_image_tokens, batch_size)
+    # the default path's prefill is also timed for LLaVA at AlignGPT's length: what the extra token costs at this
+    # batch size, apart from the gate and the merge
+    same_len = path == "default"
+    batches, max_cache_len = generation_inputs(args, dtype, image_size, num_image_tokens, batch_size, same_len)
     n = args.new_tokens
 
     def gen(name, tokens):
         kwargs = generate_kwargs(args, path, tokens, max_cache_len)
-        return lambda: models[name].generate(**batches[name], **kwargs)
+        model = models["llava" if name == "llava_same_len" else name]
+        return lambda: model.generate(**batches[name], **kwargs)
 
     # first calls: compile / warm-up, and the token ids compared between paths (the default path keeps each
     # step's top-1 / top-2 logit gap, to tell a numerical near-tie from a real change where paths disagree)
@@ -531,7 +537,8 @@ def case_generate(args, rec, llava, aligngpt, dtype, image_size, num_image_token
     # ... and, for comparison with earlier runs, the plain alternation (every timed call follows the other model)
     switching = compare({name: gen(name, n) for name in models}, args.device, warmup=0,
                         repeats=args.gen_repeats) if settled else None
-    prefill = compare({name: gen(name, 1) for name in models}, args.device, warmup=0, repeats=args.gen_repeats)
+    prefill_sides = list(models) + (["llava_same_len"] if same_len else [])
+    prefill = compare({name: gen(name, 1) for name in prefill_sides}, args.device, warmup=0, repeats=args.gen_repeats)
 
     def rates(name, key="median"):
         t_full, t_first = full[name].get(key), prefill[name].get(key)
@@ -554,6 +561,11 @@ def case_generate(args, rec, llava, aligngpt, dtype, image_size, num_image_token
         if name == "aligngpt":
             prefill_r, full_r = ratios(prefill, "aligngpt", "llava"), ratios(full, "aligngpt", "llava")
             record.update({f"prefill_{k}": v for k, v in prefill_r.items()})
+            if same_len:
+                same_r = ratios(prefill, "aligngpt", "llava_same_len")
+                record.update({f"prefill_same_len_{k}": v for k, v in same_r.items()},
+                              prefill_same_len_seconds=prefill["llava_same_len"]["median"],
+                              prefill_token_share=ratios(prefill, "llava_same_len", "llava")["ratio_paired"] - 1)
             record.update({f"generate_{k}": v for k, v in full_r.items()})
             # same number of tokens: throughput ratio = 1 / time ratio
             record["e2e_throughput_ratio"] = 1 / full_r["ratio"]
@@ -687,6 +699,11 @@ def summarize(path: str) -> str:
         lines.append(f"| prefill ({r['path']}), s | {r['batch']} | {seq} | {fmt(l.get('prefill_seconds'))} | "
                      f"{fmt(r['prefill_seconds'])} | {fmt(r.get('prefill_ratio'))}; {fmt(r.get('prefill_ratio_paired'))}; "
                      f"{fmt(r.get('prefill_ratio_cpu_time'))} |")
+        if "prefill_same_len_ratio" in r:
+            lines.append(f"| prefill ({r['path']}) vs LLaVA at AlignGPT's length, s | {r['batch']} | "
+                         f"{r['prompt_len']} / {r['prompt_len']} | {fmt(r.get('prefill_same_len_seconds'))} | "
+                         f"{fmt(r['prefill_seconds'])} | {fmt(r['prefill_same_len_ratio'])}; "
+                         f"{fmt(r.get('prefill_same_len_ratio_paired'))}; - |")
         lines.append(f"| generate {r['new_tokens']} tokens ({r['path']}), tokens/s end to end | {r['batch']} | {seq} | "
                      f"{fmt(l.get('e2e_tok_s'))} | {fmt(r['e2e_tok_s'])} | {fmt(r.get('e2e_throughput_ratio'))}; "
                      f"{fmt(r.get('e2e_throughput_ratio_paired'))}; - (throughput: higher is better) |")
