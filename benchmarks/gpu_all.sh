@@ -59,13 +59,13 @@ if [ "${SET:-all}" = model ]; then
 fi
 # SET=path (~60 s a run): the batch-1 forward case (alignment path, extra token, gate) in RUNS (default 2) separate
 # processes, with the device-op profile and REPEATS (default 201) paired repeats (at 61 the in-forward measurements,
-# gate over global mode and the extra token, still spread over +-1.5% on a noisy host); then, with B32=1 (~80 s),
+# gate over global mode and the extra token, still spread over +-1.5% on a noisy host); then, with B32=1 (~90 s),
 # default-path generation at batch 32 with 8 repeats (its 4 repeats in the full run spread 2.3-3.2 s a call on a
-# noisy host). (Compiled batch-1 generation needs more than 100 s in a fresh process, its compilation included: the
+# noisy host), its prefill also timed for LLaVA at AlignGPT's length (the extra token's own cost at batch 32). (Compiled batch-1 generation needs more than 100 s in a fresh process, its compilation included: the
 # full run has it.)
 if [ "${SET:-all}" = path ]; then
-  # the path's pieces at tiny widths, where the host's cost per op is the whole cost, and the ids' trip to the host
-  # stacked with the attention mask (one kernel, one copy) against two plain copies (~20 s)
+  # the path's pieces at tiny widths, where the host's cost per op is the whole cost, and the ids' trip to the host:
+  # two plain copies of ids and attention mask, a stack of both and one copy, one copy queued without a wait (~20 s)
   step alignment_path_tiny 60 python3 benchmarks/bench_alignment_path.py --device cuda --repeats 300
   # the host work cut since an earlier revision, A/B in one process on the GPU (tiny widths; ~60 s): needs the old
   # modeling file, which a machine without git history cannot show; beforehand, where the history is:
@@ -85,8 +85,8 @@ if [ "${SET:-all}" = path ]; then
       --profile-batch 1 --repeats ${REPEATS:-201} --out "$OUT/bench_7b_forward_b1.jsonl"
   done
   if [ "${B32:-0}" = 1 ]; then
-    step default_b32 100 python3 benchmarks/bench_model.py --device cuda --shapes 7b --cases generate --paths default \
-      --gen-batches 32 --gen-repeats 8 --budget-s 90 --out "$OUT/bench_7b_default_b32.jsonl"
+    step default_b32 110 python3 benchmarks/bench_model.py --device cuda --shapes 7b --cases generate --paths default \
+      --gen-batches 32 --gen-repeats 8 --budget-s 100 --out "$OUT/bench_7b_default_b32.jsonl"
   fi
   exit 0
 fi
