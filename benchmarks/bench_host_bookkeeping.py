@@ -28,22 +28,19 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import importlib.util
 import json
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_model as bm  # noqa: E402
-from common import compare, synchronize  # noqa: E402
+from common import compare  # noqa: E402
 
 import transformers_aligngpt.modeling_aligngpt as current  # noqa: E402
 
@@ -82,25 +79,6 @@ def gate_tokens(layout, input_ids) -> torch.Tensor:
     for start, end in runs:
         tokens[0, start:end] = 1
     return tokens
-
-
-def compare_after(sides: dict, before, repeats: int, device: str) -> dict:
-    """{name: {"median", "min"}} seconds of each side's calls, each call right after one of `before` (interleaved;
-    on a GPU, `before`'s kernels finished first and the call's own waited for)."""
-    times = {name: [] for name in sides}
-    gc.disable()
-    try:
-        for r in range(repeats):
-            for name in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
-                before()
-                synchronize(device)
-                start = time.perf_counter()
-                sides[name]()
-                synchronize(device)
-                times[name].append(time.perf_counter() - start)
-    finally:
-        gc.enable()
-    return {name: {"median": statistics.median(t), "min": min(t)} for name, t in times.items()}
 
 
 def main(argv=None):
@@ -164,12 +142,14 @@ def main(argv=None):
         with torch.no_grad():
             if args.after_tower:
                 pixel_values = inputs["pixel_values"]
-                res = compare_after(sides, lambda: inner.vision_tower(pixel_values), args.repeats, args.device)
+                res = compare(sides, args.device, warmup=0, repeats=args.repeats,
+                              before=lambda: inner.vision_tower(pixel_values))
             else:
                 res = compare(sides, args.device, warmup=10, repeats=args.repeats)
         med = {name: res[name]["median"] * 1e6 for name in sides}
         print(json.dumps({
-            "batch": batch, "scope": args.scope, "rev": args.rev, "rev_us": round(med["rev"], 1), "current_us": round(med["current"], 1),
+            "batch": batch, "scope": args.scope, "rev": args.rev, "rev_us": round(med["rev"], 1),
+            "current_us": round(med["current"], 1),
             "saved_us": round(med["rev"] - med["current"], 1), "dtype": args.dtype, "after_tower": args.after_tower,
             "rev_min_us": round(res["rev"]["min"] * 1e6, 1), "current_min_us": round(res["current"]["min"] * 1e6, 1),
             "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",

@@ -537,8 +537,8 @@ def case_generate(args, rec, llava, aligngpt, dtype, image_size, num_image_token
     # ... and, for comparison with earlier runs, the plain alternation (every timed call follows the other model)
     switching = compare({name: gen(name, n) for name in models}, args.device, warmup=0,
                         repeats=args.gen_repeats) if settled else None
-    prefill_sides = list(models) + (["llava_same_len"] if same_len else [])
-    prefill = compare({name: gen(name, 1) for name in prefill_sides}, args.device, warmup=0, repeats=args.gen_repeats)
+    # (every batch: the two models', and with same_len LLaVA's at AlignGPT's length)
+    prefill = compare({name: gen(name, 1) for name in batches}, args.device, warmup=0, repeats=args.gen_repeats)
 
     def rates(name, key="median"):
         t_full, t_first = full[name].get(key), prefill[name].get(key)

@@ -139,6 +139,7 @@ def compare(
     warmup: int = 1,
     repeats: int = 5,
     same_before: bool = False,
+    before: Callable[[], object] | None = None,
 ) -> dict[str, dict]:
     """Times every callable of `fns`, interleaved (A B, B A, A B ...), after `warmup` calls of each.
 
@@ -149,6 +150,9 @@ def compare(
     `same_before`: every timed call follows a call of the same callable (an untimed one is made after a switch).
     For compiled generation with CUDA graphs, where going from one model's graphs to the other's in one process
     may cost work (CUDA-graph tree bookkeeping) that a process serving one model never does.
+
+    `before`: called, untimed, right before every timed call (on a GPU the timing waits for its kernels first): the
+    work a timed call should follow, e.g. other work that leaves the caches cold, as in a real forward.
     """
     names = list(fns)
     first = {}
@@ -166,6 +170,8 @@ def compare(
             if same_before and previous != name:
                 fns[name]()
             previous = name
+            if before is not None:
+                before()
             gc.disable()
             try:
                 t, c = time_call_both(fns[name], device)

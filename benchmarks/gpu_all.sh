@@ -61,8 +61,9 @@ fi
 # processes, with the device-op profile and REPEATS (default 201) paired repeats (at 61 the in-forward measurements,
 # gate over global mode and the extra token, still spread over +-1.5% on a noisy host); then, with B32=1 (~90 s),
 # default-path generation at batch 32 with 8 repeats (its 4 repeats in the full run spread 2.3-3.2 s a call on a
-# noisy host), its prefill also timed for LLaVA at AlignGPT's length (the extra token's own cost at batch 32). (Compiled batch-1 generation needs more than 100 s in a fresh process, its compilation included: the
-# full run has it.)
+# noisy host), its prefill also timed for LLaVA at AlignGPT's length (the extra token's own cost at batch 32).
+# (Compiled batch-1 generation needs more than 100 s in a fresh process, its compilation included: the full run has
+# it.)
 if [ "${SET:-all}" = path ]; then
   # the path's pieces at tiny widths, where the host's cost per op is the whole cost, and the ids' trip to the host:
   # two plain copies of ids and attention mask, a stack of both and one copy, one copy queued without a wait (~20 s)
