@@ -39,9 +39,13 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import self_times
 
 from transformers_aligngpt.training import LLM_LORA_TARGET_MODULES as LORA_TARGETS
 from transformers_aligngpt.training import NOT_QUANTIZED_MODULES as ALIGNGPT_SKIP
@@ -386,13 +390,7 @@ class StepProfiler:
 
     def self_times_us(self) -> dict[str, tuple[float, int]]:
         """{kernel (GPU) or aten op (CPU) name: (self time in us, calls)} of the recorded step."""
-        cuda = self.device.type == "cuda"
-        out = {}
-        for event in self.profile.key_averages():
-            us = event.self_device_time_total if cuda else event.self_cpu_time_total
-            if us > 0 and (cuda or event.key.startswith("aten::")):
-                out[event.key] = (us, event.count)
-        return out
+        return self_times(self.profile, self.device.type)
 
 
 def profile_difference(trainers: dict, args, device: torch.device, top: int = 15) -> dict:

@@ -194,6 +194,18 @@ def compare(
     return result
 
 
+def self_times(profile, device: str) -> dict[str, tuple[float, int]]:
+    """{kernel (GPU) or aten op (CPU) name: (self time in us, calls)} of a finished `torch.profiler.profile`: on a
+    GPU the device time of each kernel, on the CPU the self time of each aten op (other CPU events nest them)."""
+    cuda = device.startswith("cuda")
+    out = {}
+    for event in profile.key_averages():
+        us = event.self_device_time_total if cuda else event.self_cpu_time_total
+        if us > 0 and (cuda or event.key.startswith("aten::")):
+            out[event.key] = (us, event.count)
+    return out
+
+
 def paired_ratio(result: dict, a: str, b: str, key: str = "times") -> float:
     """Median over repeats of time(a) / time(b), each pair measured back to back (robust to slow load changes)."""
     pairs = [x / y for x, y in zip(result[a][key], result[b][key], strict=True) if y > 0]
@@ -255,6 +267,7 @@ __all__ = [
     "machine_info",
     "paired_ratio",
     "ratios",
+    "self_times",
     "synchronize",
     "time_call",
     "time_call_both",

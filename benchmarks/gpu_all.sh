@@ -14,9 +14,14 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python3 -c "import torch, transformers, trl, peft, bitsandbytes, datasets; print('torch', torch.__version__, \
-'transformers', transformers.__version__, 'trl', trl.__version__, 'peft', peft.__version__, 'bnb', \
-bitsandbytes.__version__, 'datasets', datasets.__version__)"
+  # (each library on its own: a set that does not need bitsandbytes leaves its 43 MB wheel out of .whl/)
+  python3 -c "import importlib
+for name in ('torch', 'transformers', 'trl', 'peft', 'bitsandbytes', 'datasets'):
+    try:
+        print(name, importlib.import_module(name).__version__, end='; ')
+    except Exception as error:
+        print(name, 'missing:', type(error).__name__, end='; ')
+print('cuda', __import__('torch').version.cuda)"
   nproc; df -h /dev/shm | tail -1
 } 2>&1 | tee "$OUT/machine.txt"
 
@@ -89,6 +94,13 @@ if [ "${SET:-all}" = path ]; then
     step default_b32 110 python3 benchmarks/bench_model.py --device cuda --shapes 7b --cases generate --paths default \
       --gen-batches 32 --gen-repeats 8 --budget-s 100 --out "$OUT/bench_7b_default_b32.jsonl"
   fi
+  exit 0
+fi
+# SET=prefill (~100 s): the default-path batch-32 prefill at LLaVA lengths 639, 640 and 641 (AlignGPT's one more),
+# each also against LLaVA at AlignGPT's length, with device time by kernel group (attention, matmul, other): whether
+# the extra token's cost at batch 32 (1.01-1.03 at 640 -> 641) is a tile boundary, 640 = 10 x 64, or the gate's path
+if [ "${SET:-all}" = prefill ]; then
+  step prefill_length 170 python3 benchmarks/bench_prefill_length.py --device cuda --out "$OUT/prefill_length.jsonl"
   exit 0
 fi
 if [ "${SET:-all}" = scoring ]; then

@@ -730,6 +730,29 @@ def test_benchmark_quick_smoke_run():
     assert lean["weights_and_adapter_gib"] < kbit["weights_and_adapter_gib"] - 1
 
 
+def test_prefill_length_benchmark_quick_smoke_run():
+    import runpy
+
+    bench = runpy.run_path(str(ROOT / "benchmarks" / "bench_prefill_length.py"))
+    records = bench["main"](["--quick", "--profile", "--profile-calls", "1", "--repeats", "1"])
+    summaries = [r for r in records if r["case"] == "prefill_length_ratios"]
+    assert [r["question_max"] for r in summaries] == [28, 29]
+    for summary in summaries:
+        # AlignGPT's prompt is LLaVA's plus <align>; the same-length reference has AlignGPT's length
+        assert summary["aligngpt_len"] == summary["llava_len"] + 1 == 612 + summary["question_max"]
+        rows = {r["model"]: r for r in records if r["case"] == "prefill_length" and r["question_max"] == summary["question_max"]}
+        assert rows["llava_same_len"]["prompt_len"] == rows["aligngpt"]["prompt_len"] == summary["aligngpt_len"]
+        # the CPU profile finds the SDPA op and the matmuls (the GPU run reads the same groups from kernel names)
+        assert all(rows[m]["attention_ms"] > 0 and rows[m]["matmul_ms"] > 0 for m in rows)
+    # kernel names of an H100 / H200 profile, grouped as the GPU run reads them
+    group = bench["kernel_group"]
+    assert group("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x64_4x1x1_cga1x1x1") == "attention"
+    assert group("fmha_cutlassF_bf16_aligned_64x128_rf_sm80(PyTorchMemEffAttention::AttentionKernel<...>)") == "attention"
+    assert group("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_TNT") == "matmul"
+    assert group("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64") == "matmul"
+    assert group("void at::native::vectorized_elementwise_kernel<8, at::native::BinaryFunctor<c10::BFloat16>>") == "other"
+
+
 def test_trl_fused_lm_head_gets_the_prompt_scope_from_the_processor(model, processor, images, caplog):
     # SFTTrainer patches the model with TRL's fused LM head, which calls the backbone without the labels: the gate's
     # prompt-only text mean must then come from the batch (the processor's gate_text_mask), not from the labels
