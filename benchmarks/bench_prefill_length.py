@@ -52,8 +52,8 @@ def kernel_group(name: str) -> str:
 
 
 def profile_groups(fn, device: str, calls: int) -> dict:
-    """Self time (ms per call) and count of `calls` calls' device kernels (CUDA) or aten ops (CPU), by `GROUPS`,
-    and the heaviest eight."""
+    """Self time (ms per call) and count of `calls` calls' device kernels (CUDA) or aten ops (CPU), by `GROUPS`;
+    the heaviest eight, and the attention ones."""
     from torch.profiler import ProfilerActivity, profile
 
     # (GPU: kernels only, as bench_qlora.py; the CPU-side events of a 7B forward are many and slow to aggregate)
@@ -70,7 +70,10 @@ def profile_groups(fn, device: str, calls: int) -> dict:
         totals[group] += us / 1000 / calls
         counts[group] += count // calls
     top = sorted(((us / 1000 / calls, name[:120], count // calls) for name, (us, count) in times.items()), reverse=True)
-    return {"ms": totals, "count": counts, "top": [[round(ms, 3), name, n] for ms, name, n in top[:8]]}
+    # the attention kernels by name: which SDPA backend ran (cuDNN, memory-efficient or flash) and its tile shape
+    attention = [[round(ms, 3), name, n] for ms, name, n in top if kernel_group(name) == "attention"]
+    return {"ms": totals, "count": counts, "top": [[round(ms, 3), name, n] for ms, name, n in top[:8]],
+            "attention": attention[:4]}
 
 
 def main(argv=None):
@@ -135,7 +138,8 @@ def main(argv=None):
                           times=timed[name]["times"])
             if name in groups:
                 record.update({f"{group}_ms": ms for group, ms in groups[name]["ms"].items()},
-                              kernel_counts=groups[name]["count"], top_kernels=groups[name]["top"])
+                              kernel_counts=groups[name]["count"], top_kernels=groups[name]["top"],
+                              attention_kernels=groups[name]["attention"])
             records.append(rec.emit(**record))
         summary = dict(case="prefill_length_ratios", question_max=question_max, llava_len=lengths["llava"],
                        aligngpt_len=lengths["aligngpt"],

@@ -744,6 +744,7 @@ def test_prefill_length_benchmark_quick_smoke_run():
         assert rows["llava_same_len"]["prompt_len"] == rows["aligngpt"]["prompt_len"] == summary["aligngpt_len"]
         # the CPU profile finds the SDPA op and the matmuls (the GPU run reads the same groups from kernel names)
         assert all(rows[m]["attention_ms"] > 0 and rows[m]["matmul_ms"] > 0 for m in rows)
+        assert any("scaled_dot_product" in name for _, name, _ in rows["aligngpt"]["attention_kernels"])
     # kernel names of an H100 / H200 profile, grouped as the GPU run reads them
     group = bench["kernel_group"]
     assert group("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x64_4x1x1_cga1x1x1") == "attention"
