@@ -28,11 +28,14 @@ def unknown_choice(field: str, value, choices: tuple) -> ValueError:
     return ValueError(f"Unknown {field} {value!r}; choose one of {', '.join(choices)}.")
 
 
-def bad_fixed_level(level, num_levels: int) -> ValueError:
-    return ValueError(
-        f"alignment_mode='fixed' needs fixed_alignment_level in 0..{num_levels - 1}, got {level!r}. Set e.g. "
-        f"`config.fixed_alignment_level = {num_levels - 1}`."
-    )
+def check_fixed_alignment_level(level, num_levels: int) -> int:
+    """`level`, when `alignment_mode="fixed"` can use it (the strict config keeps it an int or None)."""
+    if level is None or not 0 <= level < num_levels:
+        raise ValueError(
+            f"alignment_mode='fixed' needs fixed_alignment_level in 0..{num_levels - 1}, got {level!r}. Set e.g. "
+            f"`config.fixed_alignment_level = {num_levels - 1}`."
+        )
+    return level
 
 
 @strict
@@ -134,9 +137,7 @@ class AlignGPTConfig(PreTrainedConfig):
                 f"{self.num_alignment_levels}."
             )
         if self.alignment_mode == "fixed":
-            level = self.fixed_alignment_level
-            if level is None or not 0 <= level < self.num_alignment_levels:
-                raise bad_fixed_level(level, self.num_alignment_levels)
+            check_fixed_alignment_level(self.fixed_alignment_level, self.num_alignment_levels)
         if self.gate_text_scope not in GATE_TEXT_SCOPES:
             raise unknown_choice("gate_text_scope", self.gate_text_scope, GATE_TEXT_SCOPES)
         if self.projector_type not in PROJECTOR_TYPES:

@@ -41,7 +41,7 @@ from .configuration_aligngpt import (
     ALIGNMENT_MODES,
     GATE_TEXT_SCOPES,
     AlignGPTConfig,
-    bad_fixed_level,
+    check_fixed_alignment_level,
     unknown_choice,
 )
 
@@ -603,9 +603,7 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
             if mode == "mean":
                 return (table[num_local] + table[:num_local].mean(0)).expand(batch_size, -1), None
             if mode == "fixed":
-                level = self.config.fixed_alignment_level
-                if not isinstance(level, int) or not 0 <= level <= num_local:
-                    raise bad_fixed_level(level, num_local + 1)
+                level = check_fixed_alignment_level(self.config.fixed_alignment_level, num_local + 1)
                 return table[level].expand(batch_size, -1), None
             raise unknown_choice("alignment_mode", mode, ALIGNMENT_MODES)
 
