@@ -100,8 +100,13 @@ def main(argv=None):
     args.batch = args.batch or (4 if args.quick else 32)
     args.repeats = args.repeats or (3 if args.quick else 8)
     args.profile = cuda if args.profile is None else args.profile
-    questions = [int(q) for q in ("28,29" if args.quick and args.question_max == "28,29,30"
-                                  else args.question_max).split(",") if q]
+    spec = "28,29" if args.quick and args.question_max == "28,29,30" else args.question_max
+    try:
+        questions = [int(q) for q in spec.split(",") if q.strip()]
+    except ValueError:
+        questions = []
+    if not questions or min(questions) < 1:
+        p.error(f"--question-max takes positive question lengths separated by commas, e.g. 28,29,30; got {spec!r}")
     # what bench_model's builders and batch makers read
     args.layers = args.vision_layers = args.image_size = None
     args.new_tokens = 1

@@ -730,10 +730,13 @@ def test_benchmark_quick_smoke_run():
     assert lean["weights_and_adapter_gib"] < kbit["weights_and_adapter_gib"] - 1
 
 
-def test_prefill_length_benchmark_quick_smoke_run():
+def test_prefill_length_benchmark_quick_smoke_run(capsys):
     import runpy
 
     bench = runpy.run_path(str(ROOT / "benchmarks" / "bench_prefill_length.py"))
+    with pytest.raises(SystemExit):  # a bad length list is refused before any model is built
+        bench["main"](["--quick", "--question-max", "28,x"])
+    assert "--question-max takes positive question lengths" in capsys.readouterr().err
     records = bench["main"](["--quick", "--profile", "--profile-calls", "1", "--repeats", "1"])
     summaries = [r for r in records if r["case"] == "prefill_length_ratios"]
     assert [r["question_max"] for r in summaries] == [28, 29]
