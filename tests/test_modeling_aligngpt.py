@@ -332,19 +332,110 @@ def test_misplaced_align_tokens_and_level_count_are_rejected(model, processor, i
     ids[0, -1] = align  # a second <align> in the image row
     with pytest.raises(ValueError, match=r"exactly one <align> token.*rows \[0\]"):
         model(**{**inputs, "input_ids": ids})
-    # an image row that lost its <align> (truncated from the left, bos and <align> cut) is refused as well
-    side, processor.tokenizer.truncation_side = processor.tokenizer.truncation_side, "left"
-    try:
-        full = processor(images=images[:1], text=["<image>a box\n"], return_tensors="pt")["input_ids"].shape[1]
-        cut = processor(images=images[:1], text=["<image>a box\n"], return_tensors="pt", truncation=True,
-                        max_length=full - 2)
-    finally:
-        processor.tokenizer.truncation_side = side
+    # an image row that lost its <align> (truncated from the left elsewhere: bos and <align> cut) is refused as well
+    one = processor(images=images[:1], text=["<image>a box\n"], return_tensors="pt")
+    cut = {**one, "input_ids": one["input_ids"][:, 2:], "attention_mask": one["attention_mask"][:, 2:]}
     assert (cut["input_ids"] == model.config.image_token_id).sum() == model.config.num_image_tokens
     with pytest.raises(ValueError, match=r"exactly one <align> token.*rows \[0\].*truncated from the left"):
         model(**cut)
     with pytest.raises(ValueError, match=r"alignment_levels needs one level per row \(2\), got 1"):
         model(**inputs, alignment_levels=torch.tensor([3]))
+
+
+def test_levels_are_integer_tensors_read_only_in_rows_with_an_image(model, processor, images):
+    texts = ["<image>a box\n", "no image here"]
+    inputs = processor(images=images[:1], text=texts, return_tensors="pt", padding=True)
+    table = model.model.alignment_embeddings.weight
+    align = inputs["input_ids"] == model.config.alignment_token_id
+    # a text-only row may hold any level (-1 as a "no level" marker): it has no <align> to fill
+    _, embeds = embeddings_seen_by_lm(model, {**inputs, "alignment_levels": torch.tensor([3, -1])})
+    torch.testing.assert_close(embeds[align], table[3:4])
+    _, text_row = embeddings_seen_by_lm(model, processor(text=texts[1:], return_tensors="pt"))
+    torch.testing.assert_close(embeds[1, -text_row.shape[1]:], text_row[0])
+    # ... but an image row's level is checked
+    with pytest.raises(ValueError, match=r"0..7 in rows with an image.*got \[-1\]"):
+        model(**inputs, alignment_levels=torch.tensor([-1, 3]))
+    for levels, found in ((torch.tensor([3.0, 0.0]), "torch.float32"), ([3, 0], "list"),
+                          (torch.tensor([True, False]), "torch.bool")):
+        with pytest.raises(TypeError, match=f"alignment_levels must be an integer tensor.*{found}"):
+            model(**inputs, alignment_levels=levels)
+
+
+def test_past_key_values_keyword_is_the_cache(model, processor, images):
+    # transformers 5 renamed `past_key_values` to `cache`; the old name must not be dropped into **kwargs, which
+    # would silently compute the step at position 0 without the prompt
+    inputs = processor(images=images[:1], text=prompts(processor, ["What is shown?"]), return_tensors="pt")
+    with torch.no_grad():
+        prompt = model(**inputs, use_cache=True)
+        token = prompt.logits[:, -1:].argmax(-1)
+        mask = torch.cat([inputs["attention_mask"], torch.ones_like(token)], 1)
+        new_name = model(input_ids=token, attention_mask=mask, cache=copy.deepcopy(prompt.cache)).logits
+        with pytest.warns(FutureWarning, match="past_key_values"):
+            old_name = model(input_ids=token, attention_mask=mask, past_key_values=copy.deepcopy(prompt.cache)).logits
+        alone = model(input_ids=token).logits
+    torch.testing.assert_close(old_name, new_name)
+    assert not torch.allclose(old_name, alone, atol=1e-3)
+
+
+def test_generation_modes_that_split_the_prompt_are_refused_and_prompt_lookup_works(model, processor, images):
+    inputs = processor(images=images[:1], text=prompts(processor, ["What is shown?"]), return_tensors="pt")
+    length = inputs["input_ids"].shape[1]
+    greedy = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    with pytest.raises(ValueError, match=f"prefill_chunk_size=8 would split this {length}-token prompt"):
+        model.generate(**inputs, max_new_tokens=4, do_sample=False, prefill_chunk_size=8)
+    # a chunk that holds the whole prompt splits nothing
+    whole = model.generate(**inputs, max_new_tokens=4, do_sample=False, prefill_chunk_size=length)
+    assert whole.tolist() == greedy.tolist()
+    with pytest.raises(ValueError, match="cannot be the assistant_model"):
+        model.generate(**inputs, max_new_tokens=4, do_sample=False, assistant_model=model)
+
+    # Prompt lookup proposes the tokens that followed the last generated ones in the prompt: after "USER:", the
+    # <image> placeholders. The model verifies them as ordinary tokens (the prompt's images are in the cache), so
+    # the output is greedy's. A processor that makes the model say " USER:" first forces such a proposal.
+    forced = processor.tokenizer(" USER:", add_special_tokens=False)["input_ids"]
+
+    def say_user_first(ids, scores):
+        step = ids.shape[1] - length
+        if step < len(forced):
+            scores = torch.full_like(scores, -1e9)
+            scores[:, forced[step]] = 0
+        return scores
+
+    from transformers import LogitsProcessorList
+
+    processors = LogitsProcessorList([say_user_first])
+    expected = model.generate(**inputs, max_new_tokens=6, do_sample=False, logits_processor=processors)
+    looked_up = model.generate(**inputs, max_new_tokens=6, do_sample=False, logits_processor=processors,
+                               prompt_lookup_num_tokens=4)
+    assert looked_up.tolist() == expected.tolist()
+
+
+def test_trainer_predict_and_evaluate_with_metrics_gather_the_outputs(model, processor, images, tmp_path):
+    # Trainer gathers every output tensor; the cache and the vision tower's output (a ModelOutput with None
+    # fields) must be left out (config.keys_to_ignore_at_inference), or predict() fails in `_pad_across_processes`
+    from transformers import Trainer, TrainingArguments
+
+    batch = processor(images=images[:2], text=prompts(processor, ["What is shown?", "Which colour?"]),
+                      return_tensors="pt", padding=True)
+    labels = torch.full_like(batch["input_ids"], -100)
+    labels[:, -1] = batch["input_ids"][:, -1]  # (the rest is prompt, which the gate reads)
+    rows = [{key: value[row] for key, value in batch.items()} | {"labels": labels[row]} for row in range(2)]
+    args = TrainingArguments(str(tmp_path), per_device_eval_batch_size=2, report_to=[], use_cpu=True)
+    seen = {}
+
+    def metrics(prediction):
+        seen["shapes"] = [tuple(array.shape) for array in prediction.predictions]
+        return {"rows": len(prediction.label_ids)}
+
+    trainer = Trainer(model=model, args=args, eval_dataset=rows, compute_metrics=metrics)
+    assert trainer.evaluate()["eval_rows"] == 2
+    logits_shape = (2, batch["input_ids"].shape[1], model.config.text_config.vocab_size)
+    assert seen["shapes"] == [logits_shape, (2, model.config.num_alignment_levels - 1)]  # logits, alignment_weights
+    predicted = trainer.predict(rows)
+    with torch.no_grad():
+        expected = model(**batch, labels=labels)
+    torch.testing.assert_close(torch.from_numpy(predicted.predictions[1]), expected.alignment_weights)
+    torch.testing.assert_close(torch.from_numpy(predicted.predictions[0]), expected.logits)
 
 
 def test_placeholder_feature_mismatch_is_rejected(model, processor, images):
@@ -512,7 +603,7 @@ def test_forward_signature_is_the_real_one(model):
     import inspect
 
     names = list(inspect.signature(model.forward).parameters)
-    code = AlignGPTForConditionalGeneration.forward.__wrapped__.__code__
+    code = inspect.unwrap(AlignGPTForConditionalGeneration.forward).__code__
     expected = [n for n in code.co_varnames[: code.co_argcount + code.co_kwonlyargcount] if n != "self"] + ["kwargs"]
     assert names == expected
     assert {"cache", "alignment_levels", "mm_encoder_outputs", "logits_to_keep"} <= set(names)

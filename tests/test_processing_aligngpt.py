@@ -130,6 +130,21 @@ def test_truncation_that_cuts_image_tokens(processor, images):
         processor(images=images[:1], text="<image>" + " red" * 40, truncation=True, max_length=10)
 
 
+def test_truncation_from_the_left_that_cuts_the_alignment_token(processor, images):
+    text = "<image>" + " red" * 20
+    full = len(processor(images=images[:1], text=text)["input_ids"][0])
+    side, processor.tokenizer.truncation_side = processor.tokenizer.truncation_side, "left"
+    try:
+        # every image token survives (only the start is cut), so only the <align> check can see it
+        with pytest.raises(ValueError, match=r"Truncation cut the <align> token at the start of rows \[0\].*'right'"):
+            processor(images=images[:1], text=text, truncation=True, max_length=full - 2)
+        # (left truncation cuts bos and <align> whenever it cuts at all; a row that fits is untouched)
+        kept = processor(images=images[:1], text=text, truncation=True, max_length=full)
+        assert len(kept["input_ids"][0]) == full
+    finally:
+        processor.tokenizer.truncation_side = side
+
+
 def test_undecodable_image(processor, tmp_path):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\nthis is not a png")

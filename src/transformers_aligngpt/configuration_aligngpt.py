@@ -80,6 +80,9 @@ class AlignGPTConfig(PreTrainedConfig):
     """
 
     model_type = "aligngpt"
+    # Trainer.evaluate / predict gather every output tensor across processes: the cache and the vision tower's
+    # output (a ModelOutput holding None fields) are left out, as transformers leaves out the cache by default
+    keys_to_ignore_at_inference = ["cache", "image_outputs"]
     sub_configs_defaults = {
         # CLIP ViT-L/14-336, the tower of the released AlignGPT checkpoints
         "vision_config": SubConfigSpec(

@@ -34,6 +34,7 @@ from transformers.modeling_outputs import (
 )
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import is_tracing, logging, torch_compilable_check
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import select_hidden_states
 
@@ -312,15 +313,17 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         count_message = (
             "The number of <image> placeholder tokens does not match the images: {found} <image> tokens for "
             f"{num_images} images, which need {num_images} x {num_patches}. Build inputs with AlignGPTProcessor "
-            "(one <image> per image in the text) and make sure truncation does not cut them."
+            "(one <image> per image in the text) and make sure truncation does not cut them. Generated text fed back "
+            "must hold no <image>: set `model.config.suppress_placeholder_logits = True` so that it never does."
         )
         align_message = (
             "Each row with an image needs exactly one <align> token (AlignGPTProcessor puts it right after bos) and "
             "rows without an image none{rows}. If the text was truncated from the left, it may have cut <align>: "
-            "truncate from the right or raise max_length."
+            "truncate from the right or raise max_length. If the ids hold generated text, the model generated a "
+            "placeholder: set `model.config.suppress_placeholder_logits = True` so that it never does."
         )
         level_message = (
-            f"alignment_levels must lie in 0..{levels - 1} (one per row); bucket the CLIP scores with "
+            f"alignment_levels must lie in 0..{levels - 1} in rows with an image; bucket the CLIP scores with "
             f"`assign_levels(scores, num_levels={levels})`{{found}}."
         )
         return count_message, align_message, level_message
@@ -336,14 +339,25 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         if bad_rows:
             align_message = self._placeholder_messages(num_images, num_patches)[1]
             raise ValueError(align_message.format(rows=f" (rows {bad_rows[:8]} break this)"))
-        if levels is not None:
-            bad_levels = sorted({v for v in levels if not 0 <= v < self.config.num_alignment_levels})
+        if levels is not None:  # (read only in rows with an image, i.e. an <align>: others may hold anything, e.g. -1)
+            num_levels = self.config.num_alignment_levels
+            bad_levels = sorted({v for v, aligns in zip(levels, align_tokens) if aligns and not 0 <= v < num_levels})
             if bad_levels:
                 level_message = self._placeholder_messages(num_images, num_patches)[2]
                 raise ValueError(level_message.format(found=f", got {bad_levels[:8]}"))
 
     def _check_level_count(self, alignment_levels, batch_size):
-        if alignment_levels is not None and alignment_levels.numel() != batch_size:
+        if alignment_levels is None:
+            return
+        if not isinstance(alignment_levels, torch.Tensor) or alignment_levels.is_floating_point() or (
+            alignment_levels.dtype in (torch.bool, torch.complex64, torch.complex128)
+        ):
+            found = alignment_levels.dtype if isinstance(alignment_levels, torch.Tensor) else type(alignment_levels)
+            raise TypeError(
+                f"alignment_levels must be an integer tensor (torch.long) with one level per row, got {found}: "
+                "`torch.tensor(levels, dtype=torch.long)`."
+            )
+        if alignment_levels.numel() != batch_size:
             raise ValueError(
                 f"alignment_levels needs one level per row ({batch_size}), got {alignment_levels.numel()}."
             )
@@ -368,10 +382,9 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
             )
             torch_compilable_check((align_mask.sum(-1) == (image_tokens > 0)).all(), align_message.format(rows=""))
             if alignment_levels is not None:
-                levels = self.config.num_alignment_levels
-                torch_compilable_check(
-                    ((alignment_levels >= 0) & (alignment_levels < levels)).all(), level_message.format(found="")
-                )
+                levels, has_align = self.config.num_alignment_levels, align_mask.any(-1)
+                in_range = (alignment_levels.view(-1) >= 0) & (alignment_levels.view(-1) < levels)
+                torch_compilable_check((in_range | ~has_align).all(), level_message.format(found=""))
             return None
         if not self._host_checks_enabled():
             return None
@@ -591,8 +604,10 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         table = self.alignment_embeddings.weight  # (N, hidden)
         num_local = table.shape[0] - 1
         if alignment_levels is not None:
-            # pre-training: the pair's own level; rows without an image read it but their vector is never used
-            return self.alignment_embeddings(alignment_levels.to(table.device).view(-1)), None
+            # pre-training: the pair's own level. Rows without an image may hold any value (checked only in image
+            # rows): clamped, they read some level whose vector is never used.
+            levels = alignment_levels.to(table.device).view(-1).clamp(0, num_local)
+            return self.alignment_embeddings(levels), None
 
         batch_size = inputs_embeds.shape[0]
         # (the config may have been edited since the model was built: a mode, or a level, is checked where it is read)
@@ -663,6 +678,7 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         return torch.addmm(table[num_local], mix, table[:num_local]), row_weights  # E[N-1] + w @ E[:N-1]
 
     @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")  # (the old name would pass through **kwargs)
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -747,8 +763,10 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
                 gate_text_mask, layout.gate_text, layout.gate_text_counts, layout.gate_text_runs,
             )
             inputs_embeds = self.merge_placeholders(inputs_embeds, image_features, alignment_vectors, layout)
-        elif input_ids is not None and input_ids.shape[1] > 1:
-            # (decode steps, one token each, skip the check: they never hold placeholders)
+        elif input_ids is not None and input_ids.shape[1] > 1 and (cache is None or cache.get_seq_length() == 0):
+            # Placeholders without images are a forgotten `pixel_values`, but only in a prompt: after it (a cache
+            # holding tokens) they are tokens like any other, e.g. the candidates of prompt-lookup decoding copied
+            # from the prompt. (Decode steps, one token each, skip the check.)
             torch_compilable_check(
                 ~((input_ids == self.config.image_token_id) | (input_ids == self.config.alignment_token_id)).any(),
                 "input_ids contain <image>/<align> placeholder tokens but no pixel_values were given: pass the "
@@ -850,7 +868,34 @@ class AlignGPTForConditionalGeneration(AlignGPTPreTrainedModel, GenerationMixin)
     def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs) -> BaseModelOutputWithPooling:
         return self.model.get_image_features(pixel_values=pixel_values, **kwargs)
 
+    def generate(self, *args, **kwargs):
+        """[`~GenerationMixin.generate`], after refusing, with a message, the two ways of generating that cannot fill
+        a multimodal prompt's `<align>` slot: its vector is computed from the whole prompt's text and every image
+        feature before the first token runs."""
+        config = kwargs.get("generation_config") or self.generation_config
+        chunk_size = kwargs.get("prefill_chunk_size", getattr(config, "prefill_chunk_size", None))
+        is_assistant = bool(getattr(config, "is_assistant", False))
+        if chunk_size is not None or is_assistant:  # (else nothing is read: no device sync in a plain call)
+            input_ids = kwargs.get("input_ids", args[0] if args else kwargs.get("inputs"))
+            if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and bool(
+                (input_ids == self.config.alignment_token_id).any()
+            ):
+                if is_assistant and kwargs.get("cache") is None:
+                    raise ValueError(
+                        "An AlignGPT model cannot be the assistant_model of assisted generation: transformers gives "
+                        "the assistant the prompt without its images, and AlignGPT's <image> and <align> slots need "
+                        "them. Use prompt_lookup_num_tokens=... instead, or a text-only draft model."
+                    )
+                if chunk_size is not None and input_ids.shape[1] > chunk_size:
+                    raise ValueError(
+                        f"prefill_chunk_size={chunk_size} would split this {input_ids.shape[1]}-token prompt, but the "
+                        "<align> vector at its start needs the whole prompt's text and every image feature before "
+                        "the first chunk runs: pass prefill_chunk_size=None (or at least the prompt length)."
+                    )
+        return super().generate(*args, **kwargs)
+
     @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")  # (the old name would pass through **kwargs)
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,

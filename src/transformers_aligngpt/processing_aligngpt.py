@@ -165,6 +165,22 @@ class AlignGPTProcessor(ProcessorMixin):
                 text[row], offsets[row] = _insert(text[row], offsets[row], at, original_at, align, "alignment")
         return text, offsets
 
+    def _check_special_mm_tokens(self, text, text_inputs, modalities):
+        """ProcessorMixin's check that truncation kept every `<image>`, and the same for `<align>`: truncating from
+        the left cuts the start of a row, bos and `<align>` first, where the images may all survive."""
+        super()._check_special_mm_tokens(text, text_inputs, modalities)
+        input_ids = text_inputs["input_ids"]
+        if hasattr(input_ids, "tolist"):
+            input_ids = input_ids.tolist()
+        cut = [row for row, (ids, sample) in enumerate(zip(input_ids, text))
+               if list(ids).count(self.alignment_token_id) != sample.count(self.alignment_token)]
+        if cut:
+            raise ValueError(
+                f"Truncation cut the {self.alignment_token} token at the start of rows {cut[:8]} (it sits right after "
+                "bos, before the system prompt): truncate from the right (tokenizer.truncation_side = 'right'), or "
+                "raise max_length or pass truncation=False."
+            )
+
     def apply_chat_template(self, conversation, chat_template=None, **kwargs):
         """`ProcessorMixin.apply_chat_template`; with `return_assistant_tokens_mask=True` (TRL's assistant-only loss)
         the output also holds `gate_text_mask`, True on the tokens outside the answers: the prompt, which the gate
