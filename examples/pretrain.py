@@ -22,6 +22,7 @@ from CLIP scores), or a dataset saved with `save_to_disk` with `images`, `captio
 output folder holds a normal checkpoint plus `mm_projector_align.safetensors` (projector + alignment embeddings),
 which `examples/sft.py --pretrain-artifact` reads. The older flag names (`--output-dir`, `--text-model`,
 `--vision-model`, `--model-name-or-path`, `--num-alignment-levels`) still work.
+An interrupted run continues from its last checkpoint with the same flags plus `--resume-from-checkpoint last`.
 """
 
 import sys

@@ -26,6 +26,7 @@ QLoRA on one GPU, from a phase-1 checkpoint (a full checkpoint written by pretra
 `--gate-text-scope conversation` reproduces the original's gate input in training (answers included);
 `prompt` (the default of the config) averages the prompt only, as at inference. The older flag names
 (`--output-dir`, `--text-model`, `--vision-model`, `--model-name-or-path`, `--num-alignment-levels`) still work.
+An interrupted run continues from its last checkpoint with the same flags plus `--resume-from-checkpoint last`.
 """
 
 import sys

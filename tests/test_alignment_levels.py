@@ -693,8 +693,9 @@ def test_cli_levels_too_few_rows_stop_with_the_report(clip_tiny_dir, clip_pairs,
               "--output", str(tmp_path / "out.json"), "--device", "cpu", "--num-workers", "0",
               "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
     # impossible level counts stop before anything is scored
-    assert main(common + ["--num-levels", "0"]) == 1
-    assert "--num-levels must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(common + ["--num-levels", "1"])
+    assert exit_info.value.code == 2 and "expected at least 2 alignment levels" in capsys.readouterr().err
     assert main(common + ["--num-levels", "7"]) == 1
     assert "holds 6 records, fewer than --num-levels 7" in capsys.readouterr().err
     assert calls == []

@@ -87,6 +87,22 @@ def test_no_subcommand_prints_help(capsys):
         (["sft", "--pretrain-artefact", "/no/such/mm_projector_align.safetensors"], "no such file or folder"),
         (["sft", "--language-model", "/no/llm", "--vision-tower", "b"], "--language-model /no/llm: no such folder"),
         (["pretrain", "--language-model", "a", "--vision-tower", "/no/clip"], "--vision-tower /no/clip: no such"),
+        # a model has at least 2 levels (the global one and one the gate mixes)
+        (["pretrain", "--num-levels", "1"], "--num-levels/--num-alignment-levels: expected at least 2 alignment"),
+        (["sft", "--num-levels", "1"], "--num-levels/--num-alignment-levels: expected at least 2 alignment levels"),
+        (["demo", "--num-levels", "1"], "argument --num-levels: expected at least 2 alignment levels"),
+        # a learning rate or number of epochs of 0 is never meant (and was silently replaced by the default)
+        (["sft", "--learning-rate", "0"], "argument --learning-rate: expected a positive number, got '0'"),
+        (["pretrain", "--learning-rate", "-0.001"], "argument --learning-rate: expected a positive number"),
+        (["sft", "--num-train-epochs", "0"], "argument --num-train-epochs: expected a positive number, got '0'"),
+        (["sft", "--max-length", "nothing"], "argument --max-length: expected a positive integer, got 'nothing'"),
+        (["demo", "--clip", "/no/such/clip"], "--clip /no/such/clip: no such folder"),
+        (["demo", "--language-model", "./no/llm"], "--language-model ./no/llm: no such folder"),
+        (["pretrain", "--resume-from-checkpoint", "/no/such/checkpoint-2"],
+         "--resume-from-checkpoint /no/such/checkpoint-2: no such folder"),
+        (["sft", "--resume-from-checkpoint", "last", "--output", "/no/such/run"],
+         "--resume-from-checkpoint last: no checkpoint-* folder in --output /no/such/run"),
+        (["sft", "--model", "some-user/some-model", "--num-levels", "3"], "--model some-user/some-model keeps its own"),
     ],
 )
 def test_bad_flags_give_clear_errors(argv, message, capsys):
@@ -109,6 +125,86 @@ def test_a_model_that_is_neither_here_nor_on_the_hub_is_one_line(command, capsys
         main([command, "--model", "runs/no-such-run"])
     assert exit_info.value.code == 2
     assert "--model runs/no-such-run: cannot load it: not a checkpoint folder here" in capsys.readouterr().err
+
+
+def test_levels_bad_input_is_a_usage_error_before_any_work(tmp_path, capsys, monkeypatch):
+    """Used to be tracebacks, some only after scoring the whole file (--output), some misleading (a --clip folder
+    that is not there read as an invalid Hub id)."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # nothing may be loaded anyway
+    data = tmp_path / "pairs.json"
+    data.write_text("[]")
+    base = ["levels", "--data", str(data), "--output", str(tmp_path / "out.json")]
+    cases = [
+        (["levels", "--data", str(tmp_path / "none.json"), "--output", "o.json"],
+         f"--data {tmp_path / 'none.json'}: no such file"),
+        (base + ["--clip", str(tmp_path / "no-clip")],
+         f"--clip {tmp_path / 'no-clip'}: no such folder (and not a Hub id)"),
+        (base + ["--batch-size", "0"], "argument --batch-size: expected a positive integer, got '0'"),
+        (base + ["--num-levels", "1"], "argument --num-levels: expected at least 2 alignment levels"),
+        (["levels", "--data", str(data), "--output", str(tmp_path / "no" / "out.json")],
+         f"--output {tmp_path / 'no' / 'out.json'}: the folder {tmp_path / 'no'} does not exist"),
+        (base + ["--image-folder", str(tmp_path / "imgs")], f"--image-folder {tmp_path / 'imgs'}: no such folder"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("usage: aligngpt levels") and message in err, err
+    # the module's own command line says the same
+    from transformers_aligngpt.alignment_levels import main as levels_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        levels_main(base[1:] + ["--clip", str(tmp_path / "no-clip")])
+    assert exit_info.value.code == 2 and "no such folder" in capsys.readouterr().err
+
+
+def test_num_levels_must_match_a_checkpoint_and_max_length_takes_none(tiny_checkpoint, capsys):
+    """A checkpoint keeps its levels: a different --num-levels used to be ignored without a word."""
+    from transformers_aligngpt.recipes import pretrain_parser, sft_parser
+
+    for command in ("sft", "pretrain"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--model", str(tiny_checkpoint), "--num-levels", "3"])
+        assert exit_info.value.code == 2
+        assert f"--num-levels 3, but --model {tiny_checkpoint} has 8 alignment levels" in capsys.readouterr().err
+    assert sft_parser().parse_args(["--max-length", "none"]).max_length is None
+    assert pretrain_parser().parse_args(["--max-length", "None"]).max_length is None
+    assert sft_parser().parse_args(["--learning-rate", "1e-5"]).learning_rate == 1e-5
+
+
+def test_sft_adapter_of_a_relative_model_path_loads_from_anywhere(tiny_checkpoint, tmp_path, monkeypatch):
+    """The adapter config records its base model's path: a relative --model made it load only from the same cwd."""
+    from transformers_aligngpt.recipes import run_sft, sft_parser
+
+    monkeypatch.chdir(tiny_checkpoint.parent)
+    run_sft(sft_parser().parse_args([
+        "--model", tiny_checkpoint.name, "--use-peft", "--lora-r", "4", "--max-steps", "1", "--num-rows", "4",
+        "--per-device-train-batch-size", "4", "--no-gradient-checkpointing", "--output", str(tmp_path / "out"),
+    ]))
+    adapter = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(tiny_checkpoint.resolve())
+
+
+@pytest.mark.parametrize("command", ["pretrain", "sft"])
+def test_resume_from_checkpoint_continues_the_run(command, tmp_path, monkeypatch):
+    from transformers import Trainer
+
+    from transformers_aligngpt import recipes
+
+    parser, run = {"pretrain": (recipes.pretrain_parser, recipes.run_pretrain),
+                   "sft": (recipes.sft_parser, recipes.run_sft)}[command]
+    common = ["--num-rows", "8", "--per-device-train-batch-size", "4", "--save-steps", "2", "--output",
+              str(tmp_path / "run")] + (["--no-gradient-checkpointing"] if command == "sft" else [])
+    run(parser().parse_args(common + ["--max-steps", "2"]))
+    assert (tmp_path / "run" / "checkpoint-2").is_dir()
+    steps = []
+    training_step = Trainer.training_step
+    monkeypatch.setattr(Trainer, "training_step", lambda self, *a, **k: steps.append(1) or training_step(self, *a, **k))
+    trainer = run(parser().parse_args(common + ["--max-steps", "3", "--resume-from-checkpoint", "last"]))
+    assert trainer.state.global_step == 3 and len(steps) == 1  # steps 1-2 came from checkpoint-2
 
 
 @pytest.fixture

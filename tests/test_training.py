@@ -222,6 +222,45 @@ def test_phase1_rejects_bad_data_before_training(config, processor, pretraining_
         )
 
 
+def test_phase1_warns_when_no_row_has_the_models_top_level(config, processor, pretraining_dataset, tmp_path, caplog):
+    """Data bucketed into 4 levels, a model with 8: E[7], added to every image at inference, would never train."""
+    low = pretraining_dataset.filter(lambda row: row["alignment_level"] < 4)
+    with caplog.at_level(logging.WARNING, logger="transformers_aligngpt.training"):
+        AlignGPTPretrainer(new_model(config), pretraining_args(tmp_path), train_dataset=low, processing_class=processor)
+    assert "goes up to 3 (4 levels), but the model has 8" in caplog.text
+    assert "E[7]" in caplog.text and "--num-levels 8" in caplog.text and "--num-levels 4" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="transformers_aligngpt.training"):  # every level, or eval data only
+        AlignGPTPretrainer(new_model(config), pretraining_args(tmp_path), train_dataset=pretraining_dataset,
+                           eval_dataset=low, processing_class=processor)
+    assert "goes up to" not in caplog.text
+
+
+def test_phase1_refuses_levels_that_are_not_integers(config, processor, pretraining_dataset, tmp_path):
+    from datasets import Value
+
+    def trainer(dataset):
+        return AlignGPTPretrainer(new_model(config), pretraining_args(tmp_path), train_dataset=dataset,
+                                  processing_class=processor)
+
+    as_float = pretraining_dataset.cast_column("alignment_level", Value("float32"))
+    assert trainer(as_float) is not None  # 3.0 is level 3
+    halves = as_float.map(lambda row: {"alignment_level": row["alignment_level"] + (0.5 if row["alignment_level"] == 2
+                                                                                     else 0)})
+    with pytest.raises(ValueError, match=r"1 rows have a non-integer alignment_level \(row 2 has 2\.5\)"):
+        trainer(halves)
+    with pytest.raises(ValueError, match=r"alignment_level must hold integers.*holds string values \(e\.g\. '0'\)"):
+        trainer(pretraining_dataset.cast_column("alignment_level", Value("string")))
+    # the collator (streamed data is checked there) refuses them too, instead of truncating 0.5 to 0
+    collator = AlignGPTPretrainingCollator(processor, num_alignment_levels=8)
+    row = dict(pretraining_dataset[0])
+    for bad in (0.5, "3", float("nan"), True):
+        with pytest.raises(ValueError, match="not an integer"):
+            collator([{**row, "alignment_level": bad}])
+    for good in (3, 3.0, torch.tensor(3)):
+        assert collator([{**row, "alignment_level": good}])["alignment_levels"].tolist() == [3]
+
+
 def test_original_phase1_artefact_loads(config):
     original = FIXTURE_DIR / "pretrain" / "mm_projector_align.bin"
     if not original.exists():
@@ -473,6 +512,39 @@ def test_phase2_lora_trains_gate_projector_and_adapter_only(config, processor, i
     assert model.config.gate_text_scope == "conversation"
 
 
+@pytest.mark.parametrize("family", ["llama", "phi", "phi3"])
+def test_default_lora_targets_every_linear_layer_of_the_llm_and_nothing_else(tokenizer, config, family):
+    """Phi-3 fuses q/k/v (`qkv_proj`) and gate/up (`gate_up_proj`), Phi names its layers `dense`, `fc1`, `fc2`: the
+    default targets are the LLM's linear layers whatever their names, as the Llama names were for Llama."""
+    from peft import get_peft_model
+    from transformers import Phi3Config, PhiConfig
+
+    from transformers_aligngpt.tiny import tiny_config
+
+    sizes = {"vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 4, "pad_token_id": tokenizer.pad_token_id}
+    text_config = {"llama": None, "phi": PhiConfig(**sizes), "phi3": Phi3Config(**sizes)}[family]
+    model = new_model(tiny_config(tokenizer, text_config=text_config) if text_config else config)
+    llm_linears = {name for name, module in model.named_modules()
+                   if isinstance(module, torch.nn.Linear) and name.startswith("model.language_model.")}
+    if family == "llama":  # the same layers as the Llama names always gave
+        assert llm_linears == {name for name, _ in model.named_modules() if re.fullmatch(LLM_LORA_TARGET_MODULES, name)}
+    peft_model = get_peft_model(model, aligngpt_lora_config(r=4))
+    adapted = {name.removeprefix("base_model.model.").removesuffix(".lora_A")
+               for name, _ in peft_model.named_modules() if name.endswith(".lora_A")}
+    assert adapted == llm_linears
+    leaves = {name.rsplit(".", 1)[-1] for name in adapted}
+    expected = {"llama": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
+                "phi": {"q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"},
+                "phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}}[family]
+    assert leaves == expected
+    # vision tower, projector and gate: no adapter; projector and gate trained fully
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert not any("vision_tower" in n or "lm_head" in n or "alignment_embeddings" in n for n in trainable)
+    assert any("alignment_gate.modules_to_save" in n for n in trainable)
+    assert any("multi_modal_projector.modules_to_save" in n for n in trainable)
+
+
 def test_phase2_rejects_unworkable_options_before_training(config, processor, instruction_dataset, tmp_path, caplog):
     with pytest.raises(ValueError, match="packing"):
         make_sft_trainer(new_model(config), processor, instruction_dataset,
@@ -530,6 +602,18 @@ def test_missing_image_files_and_placeholder_mismatch_stop_before_training(confi
     text_only_with_placeholder = {"image": None}  # keeps "<image>" in its text
     with pytest.raises(ValueError, match=r"1 rows have a different number .*row 3: 0 images, 1 image placeholders"):
         build(records((3, text_only_with_placeholder)))
+
+
+def test_singular_image_column_with_text_only_rows_stops_before_training(config, processor, instruction_dataset,
+                                                                         tmp_path):
+    """TRL makes `[None]` of a missing `image`: the first training step would fail, far from the cause."""
+    single = instruction_dataset.map(lambda row: {"image": row["images"][0] if row["images"] else None},
+                                     remove_columns="images")
+    with pytest.raises(ValueError, match=r"2 rows have no image in the `image` column \(rows 2, 5\).*`images` column"):
+        make_sft_trainer(new_model(config), processor, single, args=sft_args(tmp_path, max_steps=1))
+    # the fix the message gives works
+    fixed = single.map(lambda row: {"images": [] if row["image"] is None else [row["image"]]}, remove_columns="image")
+    assert make_sft_trainer(new_model(config), processor, fixed, args=sft_args(tmp_path, max_steps=1)) is not None
 
 
 def test_quantised_module_in_modules_to_save_is_refused(tiny_checkpoint, processor, instruction_dataset, tmp_path):

@@ -47,6 +47,7 @@ import xxhash
 from datasets import Dataset, Features, Value, concatenate_datasets
 from datasets.fingerprint import Hasher
 
+from .cli import CommandError, _num_levels, _positive_int, check_model_source
 from .data import without_image_decoding
 
 logger = logging.getLogger(__name__)
@@ -1027,12 +1028,12 @@ def _add_levels_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
         "--output", required=True, help="where to write the input records with their level added in `similarity`"
     )
     parser.add_argument("--clip", default=DEFAULT_CLIP_MODEL, help="CLIP / SigLIP checkpoint: Hub id or folder")
-    parser.add_argument("--num-levels", type=int, default=8, help="number of alignment levels (default 8)")
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--num-levels", type=_num_levels, default=8, help="number of alignment levels (default 8)")
+    parser.add_argument("--batch-size", type=_positive_int, default=128)
     parser.add_argument("--num-workers", type=int, default=None, help="image-decoding worker processes")
     parser.add_argument("--device", default=None, help="default: accelerate's device for this process")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--shard-size", type=int, default=8192, help="average rows per resumable cache file")
+    parser.add_argument("--shard-size", type=_positive_int, default=8192, help="average rows per resumable cache file")
     parser.add_argument("--cache-dir", default=None, help="default: <HF datasets cache>/aligngpt_clip_scores")
     parser.add_argument("--overwrite-cache", action="store_true", help="rescore everything")
     parser.add_argument(
@@ -1068,12 +1069,34 @@ def add_levels_subparser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
+def _check_levels_args(args: argparse.Namespace) -> None:
+    """Raises `CommandError` for paths that cannot work, before the model is loaded and anything is scored (an
+    output folder that does not exist would otherwise only show after the whole data set was scored)."""
+    if not os.path.isfile(args.data):
+        raise CommandError(f"--data {args.data}: no such file")
+    if args.image_folder and not os.path.isdir(args.image_folder):
+        raise CommandError(f"--image-folder {args.image_folder}: no such folder")
+    # a local path that is not there would otherwise fail as a confusing "not a valid Hub repo id"
+    args.clip = check_model_source("--clip", args.clip)
+    for flag, path in (("--output", args.output), ("--bad-rows-report", args.bad_rows_report)):
+        if path is None:
+            continue
+        if os.path.isdir(path):
+            raise CommandError(f"{flag} {path}: is a folder; give the file to write")
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            raise CommandError(f"{flag} {path}: the folder {parent} does not exist (create it first)")
+
+
 def run_levels(args: argparse.Namespace) -> int:
     """Score, bucket and write; returns the exit status (0, or 1 when bad rows or too few rows stop the run).
+    Raises `CommandError` (usage + exit status 2 from the command line) for flags that cannot work.
 
     The output holds the input file's own records, unchanged but for the level in `similarity` (and `clip_score`
     with `--include-clip-score`), skipped rows left out."""
     from .data import load_llava_json, write_llava_json
+
+    _check_levels_args(args)
 
     state = _partial_state(args.device)
     if state.is_main_process and not logging.getLogger().handlers:
@@ -1086,8 +1109,6 @@ def run_levels(args: argparse.Namespace) -> int:
             print(f"error: {message}", file=sys.stderr)
         return 1
 
-    if args.num_levels < 1:  # before the model is loaded and anything is scored
-        return fail(f"--num-levels must be at least 1, got {args.num_levels}")
     dataset = load_llava_json(args.data, args.image_folder)
     if len(dataset) < args.num_levels:
         return fail(f"{args.data} holds {len(dataset)} records, fewer than --num-levels {args.num_levels}")
@@ -1149,7 +1170,10 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m transformers_aligngpt.alignment_levels", description=__doc__.split("\n\n")[0]
     )
     _add_levels_arguments(parser)
-    return run_levels(parser.parse_args(argv))
+    try:
+        return run_levels(parser.parse_args(argv))
+    except CommandError as error:
+        parser.error(str(error))  # usage and the message, exit status 2
 
 
 if __name__ == "__main__":

@@ -329,7 +329,7 @@ def add_demo_subparser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--output", default="outputs/demo", help="folder for checkpoint, plots, logs (outputs/demo)")
     parser.add_argument("--quick", action="store_true", help="a much smaller run (< 1 minute) to check the pipeline")
     parser.add_argument("--seed", type=int, default=0, help="random seed (0)")
-    parser.add_argument("--num-levels", type=_positive_int, default=8, help="number of alignment levels N (8)")
+    parser.add_argument("--num-levels", type=_num_levels, default=8, help="number of alignment levels N (8)")
     real = parser.add_argument_group("real models and data (default: tiny models from configs, built-in data)")
     real.add_argument("--clip", default=None, help="CLIP/SigLIP scorer id or folder (default: train a tiny CLIP)")
     real.add_argument("--vision-tower", default=None, help="vision tower id or folder, e.g. "
@@ -351,6 +351,8 @@ def add_demo_subparser(subparsers) -> argparse.ArgumentParser:
 def run_demo(args: argparse.Namespace) -> int:
     if (args.data or args.instruct_data) and not args.image_folder:
         raise CommandError("--data / --instruct-data need --image-folder (the folder their `image` paths are in)")
+    # a local path that is not there would otherwise fail later as a confusing "not a valid Hub repo id"
+    check_model_sources(args, "--clip", "--vision-tower", "--language-model")
     from .demo.run import run_demo as _run
 
     _run(args)
@@ -405,6 +407,28 @@ def _positive_int(value: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
     if number < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return number
+
+
+def _positive_float(value: str) -> float:
+    """A learning rate or a number of epochs: 0 (or less) is never what was meant."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}") from None
+    if not 0 < number < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
+    return number
+
+
+def _num_levels(value: str) -> int:
+    """N alignment levels: the top one is the global alignment and the gate mixes the others, so at least 2."""
+    number = _positive_int(value)
+    if number < 2:
+        raise argparse.ArgumentTypeError(
+            f"expected at least 2 alignment levels (the top level is the global alignment, the gate mixes the "
+            f"others), got {value!r}"
+        )
     return number
 
 

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +43,20 @@ def _load_image(image: Any) -> Image.Image:
         except (OSError, ValueError) as error:
             raise ValueError(f"Image {str(image)!r} could not be read ({error}).") from error
     raise TypeError(f"Expected a PIL image or a path to an image, got {type(image).__name__}.")
+
+
+def _integer_level(value: Any) -> int | None:
+    """`value` as an int when it is an integer (a Python / numpy / 0-d torch integer, or an integral float such as
+    3.0), else None (strings, booleans, 0.5, NaN)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, (str, bytes, bool)) or type(value).__name__ == "bool_":
+        return None
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real) and float(value).is_integer():
+        return int(value)
+    return None
 
 
 def placeholder_ids(processor) -> tuple[int, int]:
@@ -119,7 +134,13 @@ class AlignGPTPretrainingCollator:
                 "every image-caption pair. Score the pairs with CLIP and bucket the scores into levels first "
                 "(transformers_aligngpt.alignment_levels)."
             )
-        level = int(example[self.level_column])
+        level = _integer_level(example[self.level_column])
+        if level is None:
+            raise ValueError(
+                f"Pre-training example {index} has {self.level_column}={example[self.level_column]!r}, not an integer: "
+                "levels are the indices 0..N-1 of CLIP-score buckets (int() would truncate 0.5 to 0). Bucket the "
+                "scores with `aligngpt levels` (transformers_aligngpt.alignment_levels.add_alignment_levels)."
+            )
         if self.num_alignment_levels is not None and not 0 <= level < self.num_alignment_levels:
             raise ValueError(
                 f"Pre-training example {index} has {self.level_column}={level}, outside "

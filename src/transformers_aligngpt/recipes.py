@@ -16,7 +16,7 @@ import json
 import os
 from collections.abc import Sequence
 
-from .cli import CommandError, _positive_int, check_model_sources, loading
+from .cli import CommandError, _num_levels, _positive_float, _positive_int, check_model_sources, loading
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -101,7 +101,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser, model_help: str, level
                        help="causal LM to build a new AlignGPT from, e.g. lmsys/vicuna-7b-v1.5")
     group.add_argument("--vision-tower", "--vision-model", dest="vision_tower", metavar="PATH_OR_ID",
                        help="CLIP / SigLIP to build a new AlignGPT from, e.g. openai/clip-vit-large-patch14-336")
-    group.add_argument("--num-levels", "--num-alignment-levels", dest="num_levels", type=_positive_int, default=None,
+    group.add_argument("--num-levels", "--num-alignment-levels", dest="num_levels", type=_num_levels, default=None,
                        metavar="N", help=levels_help)
     return group
 
@@ -119,16 +119,27 @@ def _add_training_arguments(parser: argparse.ArgumentParser, output: str):
     group.add_argument("--output", "--output-dir", dest="output", default=output, metavar="DIR",
                        help=f"folder for the checkpoint ({output})")
     group.add_argument("--max-steps", metavar="N", type=int, default=-1, help="stop after this many steps (-1: run the epochs)")
-    group.add_argument("--num-train-epochs", metavar="EPOCHS", type=float, default=1.0, help="(1)")
+    group.add_argument("--num-train-epochs", metavar="EPOCHS", type=_positive_float, default=1.0, help="(1)")
     group.add_argument("--per-device-train-batch-size", metavar="N", type=_positive_int, default=8, help="(8)")
     group.add_argument("--gradient-accumulation-steps", metavar="N", type=_positive_int, default=1, help="(1)")
-    group.add_argument("--max-length", metavar="N", type=_positive_int, default=2048, help="tokens per row (2048)")
+    group.add_argument("--max-length", metavar="N", type=_max_length, default=2048,
+                       help="tokens per row (2048; none: no limit)")
     group.add_argument("--save-steps", metavar="N", type=_positive_int, default=500, help="checkpoint every this many steps (500)")
     group.add_argument("--logging-steps", metavar="N", type=_positive_int, default=1, help="(1)")
     group.add_argument("--seed", metavar="N", type=int, default=0, help="(0)")
     group.add_argument("--dataloader-num-workers", metavar="N", type=int, default=0, help="(0)")
     group.add_argument("--report-to", metavar="NAME", default="none", help="wandb, tensorboard, ... (none)")
+    group.add_argument("--resume-from-checkpoint", metavar="PATH", default=None,
+                       help="continue an interrupted run from this checkpoint folder, or from the last checkpoint-* "
+                       "in --output with `last` (or `true`)")
     return group
+
+
+def _max_length(value: str) -> int | None:
+    """`--max-length`: a positive number of tokens, or `none` for no limit."""
+    if value.strip().lower() == "none":
+        return None
+    return _positive_int(value)
 
 
 def add_pretrain_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -141,7 +152,7 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     _add_data_arguments(parser, "data (default: built-in synthetic image-caption pairs)",
                         "LLaVA-layout JSON with `similarity`, or a save_to_disk folder")
     train = _add_training_arguments(parser, "runs/aligngpt-pretrain")
-    train.add_argument("--learning-rate", metavar="LR", type=float, default=1e-3, help="(1e-3, the paper's)")
+    train.add_argument("--learning-rate", metavar="LR", type=_positive_float, default=1e-3, help="(1e-3, the paper's)")
     train.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPUs)")
     train.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations to save memory")
     return parser
@@ -160,6 +171,44 @@ def _check_model_flags(args) -> None:
     if bool(args.language_model) != bool(args.vision_tower):
         raise CommandError("--language-model and --vision-tower go together (a new AlignGPT needs both)")
     check_model_sources(args, "--model", "--language-model", "--vision-tower")
+    if args.model and args.num_levels is not None:
+        _check_checkpoint_levels(args.model, args.num_levels)
+
+
+def _check_checkpoint_levels(model: str, num_levels: int) -> None:
+    """A checkpoint keeps the alignment levels it was built with: a different --num-levels would be ignored."""
+    config = os.path.join(model, "config.json")
+    if not os.path.isfile(config):  # a Hub id (or a folder without a config): not read here
+        raise CommandError(
+            f"--num-levels sets the levels of a new model; --model {model} keeps its own. Drop --num-levels (or "
+            "build a new model with --language-model / --vision-tower)"
+        )
+    with open(config, encoding="utf-8") as f:
+        saved = json.load(f).get("num_alignment_levels", 8)  # AlignGPTConfig's default
+    if saved != num_levels:
+        raise CommandError(
+            f"--num-levels {num_levels}, but --model {model} has {saved} alignment levels (a checkpoint keeps its "
+            f"own): drop --num-levels, or pass {saved}"
+        )
+
+
+def _check_resume_flag(args) -> None:
+    """Resolves --resume-from-checkpoint (`last` / `true`: the last checkpoint-* in --output) to a folder that
+    exists, before anything is loaded."""
+    value = args.resume_from_checkpoint
+    if value is None:
+        return
+    if value.strip().lower() in ("last", "true"):
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(args.output) if os.path.isdir(args.output) else None
+        if last is None:
+            raise CommandError(
+                f"--resume-from-checkpoint {value}: no checkpoint-* folder in --output {args.output} to resume from"
+            )
+        args.resume_from_checkpoint = last
+    elif not os.path.isdir(value):
+        raise CommandError(f"--resume-from-checkpoint {value}: no such folder (a checkpoint-* folder, or `last`)")
 
 
 def _check_data_flags(args) -> None:
@@ -175,6 +224,7 @@ def check_pretrain_args(args: argparse.Namespace) -> None:
     """Raises `CommandError` for flags that cannot work, before anything is loaded."""
     _check_model_flags(args)
     _check_data_flags(args)
+    _check_resume_flag(args)
 
 
 def _dtype(bf16: bool):
@@ -286,7 +336,7 @@ def run_pretrain(args: argparse.Namespace):
         trainer = AlignGPTPretrainer(model=model, args=training_args, train_dataset=dataset, processing_class=processor)
     except ValueError as error:  # data that does not fit the model (no levels, levels out of range), before training
         raise CommandError(str(error)) from error
-    trainer.train()
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_model(args.output)
     if trainer.is_world_process_zero():
         write_card_info(trainer, [args.output], "phase 1 (pre-training)",
@@ -365,7 +415,8 @@ def add_sft_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     _add_data_arguments(parser, "data (default: built-in synthetic conversations)",
                         "LLaVA-layout JSON (e.g. llava_v1_5_mix665k.json) or a save_to_disk folder")
     train = _add_training_arguments(parser, "runs/aligngpt-sft")
-    train.add_argument("--learning-rate", metavar="LR", type=float, default=None, help="(2e-4 with --use-peft, else 2e-5)")
+    train.add_argument("--learning-rate", metavar="LR", type=_positive_float, default=None,
+                       help="(2e-4 with --use-peft, else 2e-5)")
     train.add_argument("--bf16", action="store_true", help="bf16 (GPUs; QLoRA always computes in bf16)")
     train.add_argument("--no-gradient-checkpointing", action="store_true", help="keep activations (faster, more memory)")
     train.add_argument("--optim", metavar="NAME", default=None, help="optimizer (paged_adamw_8bit with QLoRA on a GPU, else adamw_torch)")
@@ -380,6 +431,7 @@ def check_sft_args(args: argparse.Namespace) -> None:
     """Raises `CommandError` for flags that cannot work, before anything is loaded."""
     _check_model_flags(args)
     _check_data_flags(args)
+    _check_resume_flag(args)
     if args.load_in_4bit and not args.use_peft:
         raise CommandError("--load-in-4bit trains an adapter: add --use-peft")
     if args.load_in_4bit and args.language_model:
@@ -431,6 +483,9 @@ def build_sft_model_and_processor(args: argparse.Namespace):
 
     dtype = _dtype(args.bf16 or args.load_in_4bit)
     path = args.model
+    if path is not None and os.path.isdir(path):
+        # an adapter records the path its model was loaded from as its base: not cwd-relative
+        path = os.path.abspath(path)
     model = None
     if args.language_model:
         levels = args.num_levels or artifact_levels(args.pretrain_artifact) or 8
@@ -515,7 +570,7 @@ def run_sft(args: argparse.Namespace):
     from .training import aligngpt_lora_config, make_sft_trainer, merge_qlora_adapter
 
     on_gpu = torch.cuda.is_available()
-    learning_rate = args.learning_rate or (2e-4 if args.use_peft else 2e-5)
+    learning_rate = args.learning_rate if args.learning_rate is not None else 2e-4 if args.use_peft else 2e-5
     optim = args.optim or ("paged_adamw_8bit" if args.load_in_4bit and on_gpu else "adamw_torch")
     # the arguments come first: under DeepSpeed ZeRO-3 they make from_pretrained shard the weights while loading
     training_args = SFTConfig(
@@ -551,7 +606,7 @@ def run_sft(args: argparse.Namespace):
                                    peft_config=peft_config, gate_text_scope=args.gate_text_scope)
     except ValueError as error:  # options or data that cannot work (e.g. --max-length cutting images), before training
         raise CommandError(str(error)) from error
-    trainer.train()
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_model(args.output)
     if args.merge and trainer.is_world_process_zero():
         base = getattr(model, "name_or_path", None) or args.model  # the adapter's base (see build_sft_model...)

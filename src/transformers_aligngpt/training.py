@@ -42,9 +42,16 @@ from .configuration_aligngpt import GATE_TEXT_SCOPES, AlignGPTConfig
 
 logger = logging.getLogger(__name__)
 
-#: The LLM's linear projections (Llama / Mistral / Qwen2 / Gemma names), and nothing in the vision tower, the projector
-#: or the gate: a regex is matched against full module names by PEFT.
+#: The LLM's linear projections under their Llama / Mistral / Qwen2 / Gemma names (a regex PEFT matches against full
+#: module names). Not the default of [`aligngpt_lora_config`], which finds the linear layers whatever their names;
+#: kept for tools that take one regex (`trl sft --lora_target_modules`).
 LLM_LORA_TARGET_MODULES = r"model\.language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+#: Default LoRA targets: PEFT's "all-linear" takes every linear layer of the model (not `lm_head`), whatever the
+#: architecture calls it (Phi-3's fused `qkv_proj` / `gate_up_proj`, Phi's `dense` / `fc1` / `fc2`, ...) ...
+LORA_TARGET_MODULES = "all-linear"
+#: ... and this regex (matched against full module names) leaves out everything outside the LLM: the vision tower
+#: stays frozen, the projector and the gate are trained fully (`modules_to_save`).
+LORA_EXCLUDED_MODULES = r"(?!model\.language_model\.).*"
 #: Trained fully next to LoRA in phase 2.
 LORA_MODULES_TO_SAVE = ("multi_modal_projector", "alignment_gate")
 #: Kept out of quantisation by [`qlora_bnb_config`] (full module paths: bitsandbytes matches them from the start).
@@ -126,13 +133,21 @@ def aligngpt_lora_config(
     r: int = 64,
     alpha: int = 16,
     dropout: float = 0.05,
-    target_modules: str | list[str] = LLM_LORA_TARGET_MODULES,
+    target_modules: str | list[str] | None = None,
     modules_to_save: Iterable[str] | None = LORA_MODULES_TO_SAVE,
     **kwargs,
 ):
-    """LoRA on the LLM's projections; the gate and the projector are trained fully (`modules_to_save`)."""
+    """LoRA on every linear layer of the LLM (any decoder: Llama, Mistral, Qwen2, Gemma, Phi, Phi-3, ...); the gate and
+    the projector are trained fully (`modules_to_save`), the vision tower not at all.
+
+    `target_modules` (PEFT's: names, a regex, or "all-linear") replaces the default, and then nothing is excluded
+    unless `exclude_modules` is given.
+    """
     from peft import LoraConfig
 
+    if target_modules is None:
+        target_modules = LORA_TARGET_MODULES
+        kwargs.setdefault("exclude_modules", LORA_EXCLUDED_MODULES)
     kwargs.setdefault("task_type", "CAUSAL_LM")
     kwargs.setdefault("bias", "none")
     return LoraConfig(
@@ -319,9 +334,16 @@ def _column_names(dataset) -> list[str]:
     return list(names)
 
 
-def validate_pretraining_dataset(dataset, num_alignment_levels: int, level_column: str = "alignment_level") -> None:
-    """Raises `ValueError` when a row has no alignment level or one outside 0..N-1 (read from Arrow, images are not
-    decoded). For an `IterableDataset`, the first row is checked and the collator checks the rest."""
+def validate_pretraining_dataset(
+    dataset, num_alignment_levels: int, level_column: str = "alignment_level", warn_missing_top_level: bool = True
+) -> None:
+    """Raises `ValueError` when a row has no alignment level, a level that is not an integer, or one outside 0..N-1
+    (read from Arrow, images are not decoded). For an `IterableDataset`, the first row is checked and the collator
+    checks the rest.
+
+    With `warn_missing_top_level` (the training data), logs a warning when no row has the top level N-1: its
+    embedding, which inference adds to every image, would then never be trained.
+    """
     if dataset is None:
         return
     if level_column not in _column_names(dataset):
@@ -345,6 +367,7 @@ def validate_pretraining_dataset(dataset, num_alignment_levels: int, level_colum
             "In a LLaVA-layout JSON the level is the record's `similarity`: compute the levels with `aligngpt levels` "
             "(transformers_aligngpt.alignment_levels), or drop the rows without one."
         )
+    column = _integer_levels(column, level_column)
     if len(column):
         low, high = pc.min(column).as_py(), pc.max(column).as_py()
         if low < 0 or high >= num_alignment_levels:
@@ -355,6 +378,16 @@ def validate_pretraining_dataset(dataset, num_alignment_levels: int, level_colum
                 f"alignment levels); row {bad} has {values[bad]} (range found: {low}..{high}). Build the model with "
                 f"as many levels as the data (`--num-levels {high + 1}` / num_alignment_levels={high + 1} for a new "
                 f"model), or recompute the levels for this one (`aligngpt levels --num-levels {num_alignment_levels}`)."
+            )
+        if warn_missing_top_level and high < num_alignment_levels - 1:
+            # not an error: a small debugging subset may miss the top level; a whole data set that does was bucketed
+            # into fewer levels than the model has
+            logger.warning(
+                f"The pre-training data's {level_column} goes up to {high} ({high + 1} levels), but the model has "
+                f"{num_alignment_levels}: no row trains the top level's embedding E[{num_alignment_levels - 1}], which "
+                f"inference adds to every image (the global alignment). Bucket the data into the model's levels "
+                f"(`aligngpt levels --num-levels {num_alignment_levels}`), or build the model with the data's "
+                f"(`--num-levels {high + 1}` / num_alignment_levels={high + 1})."
             )
     check_images_of_rows(dataset)
     # every row an image-caption pair: one image, a caption (records of other kinds read fine from a LLaVA file)
@@ -375,6 +408,31 @@ def validate_pretraining_dataset(dataset, num_alignment_levels: int, level_colum
                 f"{int(empty.sum())} pre-training rows have no caption (the first is row {int(empty.argmax())}; a "
                 "LLaVA record that is not one human/gpt turn has none): drop those rows (dataset.filter)."
             )
+
+
+def _integer_levels(column, level_column: str):
+    """The level column as int64, or a `ValueError` when it holds strings or fractional numbers (an int() in the
+    collator would silently truncate 0.5 to 0; integral floats such as 3.0 are fine)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if pa.types.is_integer(column.type):
+        return column
+    if not pa.types.is_floating(column.type):
+        raise ValueError(
+            f"{level_column} must hold integers (the alignment level 0..N-1 of each pair), but the column holds "
+            f"{column.type} values{f' (e.g. {column[0].as_py()!r})' if len(column) else ''}. Convert it, e.g. "
+            f"dataset.cast_column({level_column!r}, datasets.Value('int64')), or recompute it with `aligngpt levels`."
+        )
+    fractional = pc.invert(pc.fill_null(pc.equal(column, pc.floor(column)), True)).to_numpy(zero_copy_only=False)
+    if fractional.any():
+        row = int(fractional.argmax())
+        raise ValueError(
+            f"{int(fractional.sum())} rows have a non-integer {level_column} (row {row} has "
+            f"{column[row].as_py()}): levels are the indices 0..N-1 of CLIP-score buckets, not scores. Bucket the "
+            "scores with `aligngpt levels` (transformers_aligngpt.alignment_levels.add_alignment_levels)."
+        )
+    return pc.cast(column, pa.int64())
 
 
 def _images_per_row(dataset, batch_size: int) -> Iterator[list[int]]:
@@ -475,6 +533,27 @@ def check_images_of_rows(dataset, batch_size: int = 10_000, limit: int = 5) -> N
             f"{len(mismatched)} rows have a different number of images and of image placeholders in their messages "
             f"({listed}). Each image needs one image block (one `<image>` in a LLaVA turn); fix or drop those rows."
         )
+
+
+def check_single_image_column(dataset, limit: int = 5) -> None:
+    """Raises `ValueError` when a singular `image` column holds rows without an image (None): TRL wraps every `image`
+    into a one-image list, so a text-only row would become `[None]` and crash the first training step. Text-only
+    rows need an `images` list column (`[]` for them). Only for a `datasets.Dataset` (read from Arrow)."""
+    from datasets import Dataset
+
+    if not isinstance(dataset, Dataset) or "image" not in dataset.column_names or "images" in dataset.column_names:
+        return
+    column = dataset.select_columns(["image"]).with_format("arrow")["image"]
+    if not column.null_count:
+        return
+    rows = [i for i, value in enumerate(column.is_null().to_pylist()) if value][:limit]
+    raise ValueError(
+        f"{column.null_count} rows have no image in the `image` column (rows {', '.join(map(str, rows))}"
+        f"{', ...' if column.null_count > limit else ''}): TRL turns each `image` into a one-image list, so these "
+        "text-only rows would fail in the first training step. Use an `images` column of lists instead, empty for "
+        "text-only rows: dataset.map(lambda row: {'images': [] if row['image'] is None else [row['image']]}, "
+        "remove_columns='image')."
+    )
 
 
 def image_rows_longer_than(
@@ -601,7 +680,9 @@ class AlignGPTPretrainer(Trainer):
         level_column = getattr(args, "alignment_level_column", "alignment_level")
         validate_pretraining_dataset(train_dataset, config.num_alignment_levels, level_column)
         for dataset in eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset]:
-            validate_pretraining_dataset(dataset, config.num_alignment_levels, level_column)
+            validate_pretraining_dataset(
+                dataset, config.num_alignment_levels, level_column, warn_missing_top_level=False
+            )
         if data_collator is None:
             if processing_class is None:
                 raise ValueError(
@@ -715,6 +796,7 @@ def validate_sft_options(
                     )
     if is_vision:
         for dataset in datasets:
+            check_single_image_column(dataset)
             check_images_of_rows(dataset)
     if is_vision and args.max_length is not None:
         from datasets import Dataset
@@ -729,7 +811,8 @@ def validate_sft_options(
                     f"max_length={args.max_length} would cut image tokens in {count} rows ({listed} tokens to keep all "
                     f"of its {processor.num_image_tokens}-token images). Raise max_length to at least "
                     f"{max(needed for _, needed in rows)} to keep the images, plus the length of the answers that "
-                    "follow them (those are what is trained on), or set it to None."
+                    "follow them (those are what is trained on), or set it to None for no limit (`--max-length "
+                    "none` with `aligngpt sft`)."
                 )
 
 
@@ -896,6 +979,8 @@ def build_aligngpt_from_pretrained(
 
 __all__ = [
     "LLM_LORA_TARGET_MODULES",
+    "LORA_EXCLUDED_MODULES",
+    "LORA_TARGET_MODULES",
     "LORA_MODULES_TO_SAVE",
     "NOT_QUANTIZED_MODULES",
     "PRETRAINING_ARTIFACT_NAME",
@@ -917,6 +1002,7 @@ __all__ = [
     "save_pretraining_artifact",
     "trainable_parameter_names",
     "check_images_of_rows",
+    "check_single_image_column",
     "validate_pretraining_dataset",
     "validate_sft_options",
 ]
