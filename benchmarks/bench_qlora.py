@@ -267,7 +267,9 @@ def build_trainer(kind: str, recipe: str, args, device: torch.device):
         model.requires_grad_(False)
     weights_bytes = torch.cuda.memory_allocated() if device.type == "cuda" else None
 
-    if kind == "aligngpt":  # the package's own LoRA recipe: the LLM's projections, gate + projector fully trained
+    # the package's own LoRA recipe: every linear layer of the LLM (on a Llama the seven projections of LLaVA's
+    # LORA_TARGETS), gate + projector fully trained
+    if kind == "aligngpt":
         from transformers_aligngpt.training import aligngpt_lora_config
 
         lora = aligngpt_lora_config(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
