@@ -438,6 +438,15 @@ def test_trainer_predict_and_evaluate_with_metrics_gather_the_outputs(model, pro
     torch.testing.assert_close(torch.from_numpy(predicted.predictions[0]), expected.logits)
 
 
+def test_a_per_call_feature_strategy_that_changes_the_feature_count_is_rejected(model, processor, images):
+    # "full" keeps CLS: 17 features per image for 16 <image> tokens. Without the check the one-row merge would write
+    # the 17th over the next text token (and without the gate, nothing else would notice)
+    inputs = processor(images=images[:1], text=prompts(processor, ["What is shown?"]), return_tensors="pt")
+    for kwargs in ({}, {"alignment_levels": torch.tensor([2])}):
+        with pytest.raises(ValueError, match="vision tower gave 17 features per image, but the prompt holds 16"):
+            model(**inputs, vision_feature_select_strategy="full", **kwargs)
+
+
 def test_placeholder_feature_mismatch_is_rejected(model, processor, images):
     inputs = processor(images=images[:1], text=["<image>a box\n"], return_tensors="pt")
     cut = {k: v[:, :-6] if k != "pixel_values" else v for k, v in inputs.items()}
@@ -546,7 +555,7 @@ def test_gate_width_follows_the_vision_config():
     assert full.num_image_tokens == 577
 
 
-@pytest.mark.parametrize("text_model", ["llama", "mistral", "qwen2", "gemma", "phi", "phi3"])
+@pytest.mark.parametrize("text_model", ["llama", "mistral", "qwen2", "gemma", "gemma2", "phi", "phi3"])
 @pytest.mark.parametrize("tower", ["clip", "siglip"])
 def test_other_backbones_and_towers(tokenizer, images, text_model, tower):
     from transformers import AutoConfig, SiglipVisionConfig
@@ -558,7 +567,7 @@ def test_other_backbones_and_towers(tokenizer, images, text_model, tower):
                        pad_token_id=3, bos_token_id=1, eos_token_id=2)
     if text_model == "phi":
         text_kwargs.pop("num_key_value_heads")
-    if text_model == "gemma":
+    if text_model in ("gemma", "gemma2"):
         text_kwargs["head_dim"] = 16
     vision = None
     if tower == "siglip":  # no CLS token: keep every patch
@@ -579,6 +588,36 @@ def test_other_backbones_and_towers(tokenizer, images, text_model, tower):
     cached = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     uncached = model.generate(**inputs, max_new_tokens=4, do_sample=False, use_cache=False)
     assert cached.tolist() == uncached.tolist()
+    # the static cache, on a left-padded batch: LMs with `layer_types` (Qwen2, Gemma2) then get a dict of masks
+    processor.tokenizer.padding_side = "left"
+    batch = processor(images=images[:2], text=prompts(processor, ["What is shown?", "Which colour is it?"]),
+                      return_tensors="pt", padding=True)
+    dynamic = model.generate(**batch, max_new_tokens=4, do_sample=False)
+    static = model.generate(**batch, max_new_tokens=4, do_sample=False, cache_implementation="static")
+    assert static.tolist() == dynamic.tolist()
+
+
+def test_final_logit_softcapping_as_the_language_models_own_head(tokenizer):
+    # Gemma 2's causal-LM head caps its logits (tanh(x / c) * c); AlignGPT's head must too, or the loss and sampling
+    # differ from the language model's: text-only logits equal Gemma2ForCausalLM's with the same weights
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from transformers_aligngpt.tiny import tiny_config
+
+    text = Gemma2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, pad_token_id=3, bos_token_id=1,
+                        eos_token_id=2, final_logit_softcapping=0.2)
+    torch.manual_seed(0)
+    model = AlignGPTForConditionalGeneration(tiny_config(tokenizer, text_config=text)).eval()
+    reference = Gemma2ForCausalLM(text).eval()
+    reference.model.load_state_dict(model.model.language_model.state_dict())
+    reference.lm_head.load_state_dict(model.lm_head.state_dict())
+    ids = torch.tensor([[1, 40, 41, 42, 43]])
+    with torch.no_grad():
+        logits, expected = model(input_ids=ids).logits, reference(input_ids=ids).logits
+        uncapped = model.lm_head(model.model(input_ids=ids).last_hidden_state)
+    assert expected.abs().max() < 0.2 < uncapped.abs().max()  # (the cap changes these logits)
+    torch.testing.assert_close(logits, expected)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -86,6 +86,13 @@ def _config_field(config, name: str):
     return object.__getattribute__(config, name)
 
 
+def _padding_mask(attention_mask) -> torch.Tensor | None:
+    """The (batch, seq) padding mask the gate reads, or None when `attention_mask` is not one: a 4D mask, or the dict
+    of per-layer masks that `generate` builds beforehand with a compileable (static) cache for LMs with `layer_types`
+    (Qwen2, Gemma2). With left padding (generation) the pads come before `<align>`, so the gate never reads them."""
+    return attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
+
+
 def _features_like(image_features, inputs_embeds: torch.Tensor) -> torch.Tensor:
     """Projected image features, a tensor or a per-image list (`mm_encoder_outputs`), as one (num_images, P, hidden)
     tensor on the embeddings' device and in their dtype."""
@@ -445,7 +452,7 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         # transformers does)
         gate_masks = []
         if gate_runs:
-            attention_2d = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+            attention_2d = _padding_mask(attention_mask)
             gate_masks = [mask for mask in (attention_2d, gate_text_mask) if mask is not None]
         # One plain copy each (ids + attention mask on an H100 / H200 host: 42-60 us as two copies, 53-91 us as a
         # device `stack` + one copy: a kernel's launch and wait cost more than a second transfer of a few KB), kept as
@@ -564,7 +571,7 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         """(batch, seq), 1 where the gate reads a text token: attended tokens after `<align>` (so bos and left padding
         are out) that are not image placeholders, restricted to `gate_text_mask` when given. Bool or integer, never
         floating point: its row sums are exact counts (a bf16 sum of 0/1 values stops being exact above 256)."""
-        masks = (attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None, gate_text_mask)
+        masks = (_padding_mask(attention_mask), gate_text_mask)
         # 2D padding masks are 0/1 (transformers reads them as bool too)
         masks = [mask != 0 if mask.is_floating_point() else mask for mask in masks if mask is not None]
         return AlignGPTModel._text_after_align(image_mask, align_mask, masks)
@@ -758,6 +765,13 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
                     return_dict=True,
                 )
             image_features = _features_like(image_outputs.pooler_output, inputs_embeds)
+            if image_features.shape[1] != num_patches:  # (a shape: no device sync)
+                raise ValueError(
+                    f"The vision tower gave {image_features.shape[1]} features per image, but the prompt holds "
+                    f"{num_patches} <image> tokens per image (config.num_image_tokens, which the processor follows): "
+                    "a vision_feature_layer / vision_feature_select_strategy passed to this call must give the "
+                    "config's number of features; change the config (and the processor's num_image_tokens) instead."
+                )
             alignment_vectors, alignment_weights = self.compute_alignment_vectors(
                 image_features, inputs_embeds, layout.image_mask, layout.align_mask, attention_mask, alignment_levels,
                 gate_text_mask, layout.gate_text, layout.gate_text_counts, layout.gate_text_runs,
@@ -942,6 +956,9 @@ class AlignGPTForConditionalGeneration(AlignGPTPreTrainedModel, GenerationMixin)
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
         logits = self.lm_head(hidden_states)
+        softcap = getattr(self.config.text_config, "final_logit_softcapping", None)
+        if softcap is not None:  # (Gemma 2 / 3: as their own causal-LM heads do)
+            logits = torch.tanh(logits / softcap) * softcap
         if self.config.suppress_placeholder_logits:
             # <image>/<align> are input slots, never outputs
             logits = suppress_placeholder_columns(logits, self.config.image_token_id, self.config.alignment_token_id)
