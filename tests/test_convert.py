@@ -310,9 +310,14 @@ def test_processor_reproduces_prompt_and_ids_and_generation(converted, original_
     assert generated[0, inputs["input_ids"].shape[1]:].tolist() == original
 
 
-def test_processor_ids_for_training_texts(converted, original_reference, fixture_images):
-    """Training texts (answers and `</s>` included; the plain pre-training format) tokenise like the original."""
+@pytest.mark.parametrize("saved_again", [False, True])
+def test_processor_ids_for_training_texts(converted, original_reference, fixture_images, saved_again, tmp_path):
+    """Training texts (answers and `</s>` included; the plain pre-training format) tokenise like the original, also
+    after the processor is saved again (as `aligngpt push` and `save_pretrained` do) and reloaded."""
     model, processor = converted
+    if saved_again:
+        processor.save_pretrained(tmp_path)
+        processor = AutoProcessor.from_pretrained(tmp_path)
     reference, _ = original_reference
     for sample in reference["pretrain"] + reference["finetune"]:
         inputs = processor(images=fixture_images[0], text=sample["text"], return_tensors="pt")

@@ -101,6 +101,12 @@ class AlignGPTProcessor(ProcessorMixin):
                 f"`tokenizer.add_special_tokens({{'additional_special_tokens': [{self.image_token!r}, "
                 f"{self.alignment_token!r}]}})` and resize the model's embeddings."
             )
+        if getattr(tokenizer, "legacy", None) is True:
+            # A converted checkpoint's sentencepiece tokenizer gives every chunk between special tokens its own "▁"
+            # (legacy=True), as the original does. The tokenizer reads the flag when loaded but does not keep it in
+            # init_kwargs, so a save would write the default (False) and the reloaded tokenizer would split
+            # differently: written back here, it survives save_pretrained / push_to_hub.
+            tokenizer.init_kwargs["legacy"] = True
         if chat_template is None:
             chat_template = VICUNA_V1_CHAT_TEMPLATE
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
