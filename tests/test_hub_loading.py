@@ -64,6 +64,39 @@ def test_checkpoint_loads_with_trust_remote_code_without_the_package(model, proc
     assert "REMOTE-OK AlignGPTForConditionalGeneration AlignGPTProcessor" in result.stdout
 
 
+def test_trust_remote_code_runs_the_checkpoints_code_in_the_packages_own_tools(model, processor, tmp_path):
+    # transformers prefers the classes this package registers over a checkpoint's code, so `aligngpt chat
+    # --trust-remote-code` and the lmms-eval model take the checkpoint's own classes from its auto_map
+    model.save_pretrained(tmp_path / "ckpt")
+    processor.save_pretrained(tmp_path / "ckpt")
+    for name in ("modeling_aligngpt.py", "processing_aligngpt.py"):  # checkpoint code that differs from the package's
+        code = tmp_path / "ckpt" / name
+        code.write_text(code.read_text() + "\nCHECKPOINT_CODE_MARKER = True\n")
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from transformers_aligngpt.cli import ChatSession
+        path = {str(tmp_path / "ckpt")!r}
+        for trust in (True, False):
+            session = ChatSession.load(path, device="cpu", trust_remote_code=trust)
+            for part in (session.model, session.processor):
+                module = sys.modules[type(part).__module__]
+                print(trust, type(part).__name__, module.__name__.split(".")[0],
+                      getattr(module, "CHECKPOINT_CODE_MARKER", False))
+        """
+    )
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines() == [
+        "True AlignGPTForConditionalGeneration transformers_modules True",
+        "True AlignGPTProcessor transformers_modules True",
+        "False AlignGPTForConditionalGeneration transformers_aligngpt False",
+        "False AlignGPTProcessor transformers_aligngpt False",
+    ]
+
+
 def test_image_text_to_text_pipeline_answers_chat_messages(model, processor, images):
     pipe = pipeline("image-text-to-text", model=model, processor=processor)
     conversations = []

@@ -92,7 +92,7 @@ def add_chat_subparser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     parser.add_argument("--dtype", default="auto", choices=DTYPES, help="weights dtype (default: as saved)")
     parser.add_argument("--trust-remote-code", action="store_true",
-                        help="run the code stored with the checkpoint instead of this package's")
+                        help="run the code stored with the checkpoint (its auto_map) instead of this package's")
     parser.set_defaults(func=run_chat)
     return parser
 
@@ -128,15 +128,20 @@ class ChatSession:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         from . import AlignGPTConfig  # noqa: F401  (registers AlignGPT with the Auto classes)
+        from .checkpoint_code import from_pretrained
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         try:
-            processor = AutoProcessor.from_pretrained(model, trust_remote_code=trust_remote_code)
-            loaded = AutoModelForImageTextToText.from_pretrained(
-                model, dtype=dtype, trust_remote_code=trust_remote_code
-            )
+            processor = from_pretrained(AutoProcessor, model, trust_remote_code=trust_remote_code)
+            loaded = from_pretrained(AutoModelForImageTextToText, model, dtype=dtype,
+                                     trust_remote_code=trust_remote_code)
         except OSError as error:
             raise CommandError(f"--model {model}: cannot load a checkpoint from there ({error})") from error
+        except ValueError as error:  # transformers lists every config class it knows: the first line says enough
+            raise CommandError(
+                f"--model {model}: not an image-text-to-text checkpoint "
+                f"({str(error).splitlines()[0][:300]})"
+            ) from error
         return cls(loaded.to(device).eval(), processor, system_prompt)
 
     def set_image(self, path: str) -> None:
@@ -146,7 +151,9 @@ class ChatSession:
         try:
             with Image.open(path) as image:
                 self.image = image.convert("RGB")
-        except (FileNotFoundError, IsADirectoryError):
+        except IsADirectoryError:
+            raise CommandError(f"image {path}: is a folder, not an image file") from None
+        except FileNotFoundError:
             raise CommandError(f"image {path}: no such file") from None
         except (UnidentifiedImageError, OSError) as error:
             raise CommandError(f"image {path}: not a readable image ({error})") from None
@@ -209,8 +216,12 @@ class ChatSession:
                 print(f"(gate weights {'on' if show_gate else 'off'})", file=stdout)
                 continue
             if word == "/image":
+                path = line[len("/image"):].strip()
+                if not path:
+                    print("error: /image needs a file: /image FILE", file=stdout)
+                    continue
                 try:
-                    self.set_image(line[len("/image"):].strip())
+                    self.set_image(path)
                     print("(new image; conversation cleared)", file=stdout)
                 except CommandError as error:
                     print(f"error: {error}", file=stdout)

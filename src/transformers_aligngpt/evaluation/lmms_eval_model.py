@@ -20,7 +20,7 @@ Model arguments (`--model_args`, comma separated):
     batch_size           rows per generate call (the CLI's --batch_size sets it too)
     device_map           passed to from_pretrained (e.g. "auto" to split a large model over several GPUs)
     attn_implementation  "sdpa", "eager", "flash_attention_2" ...
-    trust_remote_code    load through the checkpoint's own code instead of this package (default false)
+    trust_remote_code    load through the checkpoint's own code (its auto_map) instead of this package (default false)
     alignment_mode       adaptive (the paper) | global | local | mean | fixed: how the alignment vector is built
     alignment_level      a level 0..N-1 used for every image; implies alignment_mode=fixed
     image_aspect_ratio   auto (default: pad, original size for ScienceQA) | pad | original
@@ -47,6 +47,7 @@ from PIL import Image
 from tqdm import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from ..checkpoint_code import from_pretrained
 from ..configuration_aligngpt import ALIGNMENT_MODES
 from .prompts import ORIGINAL_ASPECT_TASKS, original_prompt
 
@@ -133,7 +134,8 @@ class AlignGPTLmmsEval(lmms):
             load_kwargs["device_map"] = device_map
         if attn_implementation:
             load_kwargs["attn_implementation"] = attn_implementation
-        model = AutoModelForImageTextToText.from_pretrained(pretrained, **load_kwargs, **config_overrides)
+        # (with trust_remote_code the checkpoint's own classes, which transformers would skip for the registered ones)
+        model = from_pretrained(AutoModelForImageTextToText, pretrained, **load_kwargs, **config_overrides)
         if getattr(model.config, "model_type", None) != "aligngpt":
             raise ValueError(f"{pretrained} is a {model.config.model_type!r} checkpoint, not an AlignGPT one.")
         model.config.validate_alignment()
@@ -142,8 +144,8 @@ class AlignGPTLmmsEval(lmms):
         self._model = model.eval()
         self.pretrained = pretrained
 
-        self.processor = AutoProcessor.from_pretrained(
-            pretrained, revision=revision, trust_remote_code=trust_remote_code
+        self.processor = from_pretrained(
+            AutoProcessor, pretrained, revision=revision, trust_remote_code=trust_remote_code
         )
         self._tokenizer = self.processor.tokenizer
         self._tokenizer.padding_side = "left"  # batched generation continues every row from its last token
