@@ -24,6 +24,7 @@ from transformers_aligngpt.convert import (
     add_convert_subparser,
     convert_checkpoint,
     convert_original_sequence,
+    convert_pretrain_artefact,
     fresh_gate_state_dict,
     main,
     run_convert,
@@ -173,12 +174,16 @@ def fixture_images(original_fixture_dir, original_reference):
     return [Image.open(original_fixture_dir / "images" / name).convert("RGB") for name in reference["image_files"]]
 
 
-def test_converted_folder(converted_original_dir, converted):
+def test_converted_folder(original_fixture_dir, converted_original_dir, converted):
     model, processor = converted
     files = {p.name for p in converted_original_dir.iterdir()}
-    # the card facts `aligngpt push --model FOLDER` will use: where the weights come from
+    # the card facts `aligngpt push --model FOLDER` will use: where the weights come from, named as given
     card_info = json.loads((converted_original_dir / "aligngpt_card_info.json").read_text())
-    assert card_info["summary"].startswith("Converted from the original AlignGPT release format (`checkpoint`)")
+    source = str(original_fixture_dir / "checkpoint")
+    assert card_info["summary"].startswith(f"Converted from the original AlignGPT release format (`{source}`)")
+    assert card_info["source"] == {"converted_from": source}
+    # the fixture's config names no base LLM and its tower by a path: no license or base model is guessed
+    assert "license" not in card_info and card_info["base_models"] == []
     assert "model.safetensors" in files and not any(f.endswith(".bin") for f in files)
     assert {"config.json", "generation_config.json", "processor_config.json", "tokenizer.json"} <= files
     config = model.config
@@ -662,11 +667,13 @@ class NotATensor:
         return (print, ("arbitrary code ran while unpickling",))
 
 
-def test_bin_weights_are_never_unpickled(tmp_path, original_fixture_dir, fixture_state_dict):
+def test_bin_weights_are_never_unpickled(tmp_path, original_fixture_dir, fixture_state_dict, capfd):
     folder = _checkpoint_with(tmp_path, original_fixture_dir, fixture_state_dict, fmt="bin")
     torch.save({**fixture_state_dict, "payload": NotATensor()}, folder / "pytorch_model.bin")
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(ConversionError, match="pytorch_model.bin is not a plain state dict of tensors") as info:
         convert_checkpoint(folder, original_fixture_dir / "clip-vit-tiny", dtype="float32")
+    assert isinstance(info.value.__cause__, pickle.UnpicklingError)  # refused by the weights-only unpickler
+    assert "arbitrary code ran" not in capfd.readouterr().out
 
 
 def test_dtype_option(original_fixture_dir):
@@ -722,3 +729,113 @@ def test_command_line_needs_one_source(capsys):
         main(["--output", "x"])
     with pytest.raises(SystemExit):
         main(["--pretrain-artefact", "a.bin", "--output", "x"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# refusing inputs that would convert into a broken model, or destroy files
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _copy_checkpoint(folder, original_fixture_dir, skip=(), **config_updates):
+    """A writable copy of the fixture checkpoint (file by file: the fixture is read-only), config.json updated."""
+    folder.mkdir(parents=True)
+    for path in (original_fixture_dir / "checkpoint").iterdir():
+        if path.name not in skip:
+            shutil.copyfile(path, folder / path.name)
+    if config_updates:
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, **config_updates}))
+    return folder
+
+
+def test_missing_or_misfit_tokenizer_is_an_error(tmp_path, original_fixture_dir, tokenizer):
+    tower = original_fixture_dir / "clip-vit-tiny"
+    folder = _copy_checkpoint(tmp_path / "no-tokenizer", original_fixture_dir, skip=("tokenizer.model",))
+    with pytest.raises(ConversionError, match="No tokenizer in .*no-tokenizer .tokenizer.model or tokenizer.json"):
+        convert_checkpoint(folder, tower)
+    # another tokenizer (400 tokens, <image>/<align> among them): the placeholders would take ids of real rows
+    tokenizer.save_pretrained(folder)
+    with pytest.raises(ConversionError, match=r"has 398 tokens but the checkpoint.s vocabulary .* has 400"):
+        convert_checkpoint(folder, tower)
+
+
+def test_output_folder_is_checked_before_converting(tmp_path, original_fixture_dir, converted_original_dir, capsys):
+    tower = str(original_fixture_dir / "clip-vit-tiny")
+    folder = _copy_checkpoint(tmp_path / "ckpt", original_fixture_dir)
+    before = (folder / "config.json").read_text()
+    with pytest.raises(ConversionError, match="is the source folder"):
+        convert_checkpoint(folder, tower, output_dir=tmp_path / "." / "ckpt", overwrite=True)
+    assert (folder / "config.json").read_text() == before
+    # a converted folder given as the source: said so, not "84 weights have no place"
+    with pytest.raises(ConversionError, match="is already converted"):
+        convert_checkpoint(converted_original_dir, tower)
+    (tmp_path / "mixed").mkdir()  # original config, weights of this package's layout
+    for name in ("config.json", "tokenizer.model"):
+        shutil.copyfile(folder / name, tmp_path / "mixed" / name)
+    shutil.copyfile(converted_original_dir / "model.safetensors", tmp_path / "mixed" / "model.safetensors")
+    with pytest.raises(ConversionError, match="already in this package's layout"):
+        convert_checkpoint(tmp_path / "mixed", tower)
+    # a non-empty output is refused (by the command line too: exit status 2, one line) ...
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "model-00001-of-00002.safetensors"}}))
+    (out / "pytorch_model.bin").write_bytes(b"stale")
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--checkpoint", str(folder), "--vision-tower", tower, "--output", str(out)])
+    assert exit_info.value.code == 2
+    assert "--output " + str(out) + " is not empty" in capsys.readouterr().err
+    # ... unless --overwrite: the stale weight files go, other files stay, and the result loads
+    main(["--checkpoint", str(folder), "--vision-tower", tower, "--output", str(out), "--overwrite"])
+    files = {p.name for p in out.iterdir()}
+    assert "notes.txt" in files and "pytorch_model.bin" not in files and "model.safetensors.index.json" not in files
+    assert AutoModelForImageTextToText.from_pretrained(out).config.text_config.vocab_size == 402
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("pytorch_model.bin", b"garbage\n", "pytorch_model.bin is not a plain state dict of tensors"),
+    ("pytorch_model.bin", None, "pytorch_model.bin cannot be read as a PyTorch weight file"),
+    ("model.safetensors", b"garbage\n", "model.safetensors is not a readable safetensors file"),
+])
+def test_damaged_weight_files_are_named(tmp_path, original_fixture_dir, name, content, message):
+    folder = _copy_checkpoint(tmp_path / "ckpt", original_fixture_dir, skip=("pytorch_model.bin",))
+    original = (original_fixture_dir / "checkpoint" / "pytorch_model.bin").read_bytes()
+    (folder / name).write_bytes(content if content is not None else original[:5000])  # None: truncated
+    with pytest.raises(ConversionError, match=message):
+        convert_checkpoint(folder, original_fixture_dir / "clip-vit-tiny")
+
+
+def test_vision_tower_problems_say_what_to_pass(tmp_path, original_fixture_dir):
+    with pytest.raises(ConversionError, match="images has no config.json: expected a CLIP/SigLIP checkpoint folder"):
+        convert_checkpoint(original_fixture_dir / "checkpoint", original_fixture_dir / "images")
+    # the authors' absolute path, and a relative one that does not resolve from a copy elsewhere
+    for name, tower in (("abs", "/home/authors/checkpoints/clip-vit-large-patch14-336"), ("rel", "../clip-vit-tiny")):
+        folder = _copy_checkpoint(tmp_path / name / "ckpt", original_fixture_dir, mm_vision_tower=tower)
+        with pytest.raises(ConversionError, match=f"names the vision tower '{tower}'.*pass --vision-tower"):
+            convert_checkpoint(folder)
+
+
+def test_pretrain_language_model_must_be_a_causal_lm(original_fixture_dir, tmp_path):
+    with pytest.raises(ConversionError, match="is not a causal language model .model_type 'clip_vision_model'"):
+        convert_pretrain_artefact(original_fixture_dir / "pretrain" / "mm_projector_align.bin",
+                                  original_fixture_dir / "clip-vit-tiny", original_fixture_dir / "clip-vit-tiny",
+                                  tmp_path / "out")
+
+
+def test_card_info_records_the_bases_and_the_license(tmp_path, original_fixture_dir):
+    """What the converter knows goes into aligngpt_card_info.json: the LLM of `_name_or_path` and the tower (Hub
+    ids only), the source as given, the license: llama2 for a Vicuna v1.5 base, else what --license says."""
+    tower = str(original_fixture_dir / "clip-vit-tiny")
+    folder = _copy_checkpoint(tmp_path / "aligngpt-7b", original_fixture_dir, _name_or_path="lmsys/vicuna-7b-v1.5",
+                              mm_vision_tower="openai/clip-vit-large-patch14-336")
+    convert_checkpoint(folder, tower, tmp_path / "out")
+    info = json.loads((tmp_path / "out" / "aligngpt_card_info.json").read_text())
+    assert info["license"] == "llama2"
+    assert info["base_models"] == ["lmsys/vicuna-7b-v1.5", "openai/clip-vit-large-patch14-336"]
+    assert info["source"] == {"converted_from": str(folder), "language_model": "lmsys/vicuna-7b-v1.5",
+                              "vision_tower": "openai/clip-vit-large-patch14-336"}
+    assert f"(`{folder}`)" in info["summary"]
+    other = _copy_checkpoint(tmp_path / "other", original_fixture_dir, _name_or_path="someone/other-llm")
+    main(["--checkpoint", str(other), "--vision-tower", tower, "--output", str(tmp_path / "out2"), "--license", "mit"])
+    info = json.loads((tmp_path / "out2" / "aligngpt_card_info.json").read_text())
+    assert info["license"] == "mit" and info["base_models"] == ["someone/other-llm"]

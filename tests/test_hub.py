@@ -15,9 +15,12 @@ from test_hub_loading import NO_PACKAGE
 
 from transformers_aligngpt.hub import (
     CARD_INFO_FILENAME,
+    HubPushError,
     build_model_card,
+    check_repo_id,
     normalize_eval_results,
     prepare_push_folder,
+    push_to_hub,
     template_path,
 )
 
@@ -198,3 +201,49 @@ def test_pushed_folder_loads_without_the_package_and_its_usage_snippet_runs(mode
     assert answer_text == expected_answer
     pipeline_line = next(line for line in lines if line.startswith("PIPELINE:"))
     assert eval(pipeline_line[len("PIPELINE:"):]).strip() == expected_answer.strip()
+
+
+# ---------------------------------------------------------------------------------------------- checks before staging
+def test_what_cannot_be_pushed_is_refused_before_anything_is_staged(original_fixture_dir, tiny_checkpoint, tmp_path):
+    stage = tmp_path / "stage"
+    with pytest.raises(ValueError, match="original AlignGPT release format .* convert it first ..aligngpt convert --checkpoint"):
+        prepare_push_folder(original_fixture_dir / "checkpoint", stage, "you/x")
+    with pytest.raises(ValueError, match="not an AlignGPT checkpoint .config.json has model_type 'clip_vision_model'"):
+        prepare_push_folder(original_fixture_dir / "clip-vit-tiny", stage, "you/x")
+    assert not stage.exists()
+    # everything in the staging folder is uploaded: a stray file there would be published
+    stage.mkdir()
+    (stage / "secrets.txt").write_text("token")
+    with pytest.raises(ValueError, match="staging folder .* is not empty"):
+        prepare_push_folder(tiny_checkpoint, stage, "you/x")
+    assert [p.name for p in stage.iterdir()] == ["secrets.txt"]
+    with pytest.raises(ValueError, match="'me/bad name' is not a valid repo id"):
+        check_repo_id("me/bad name")
+    with pytest.raises(ValueError, match="must look like user/name"):
+        check_repo_id("justaname")
+
+
+def test_unreachable_hub_is_one_line_naming_the_endpoint_before_staging(tiny_checkpoint, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    stage = tmp_path / "stage"
+    with pytest.raises(HubPushError, match=r"^the Hub at http://127.0.0.1:9 cannot be reached") as info:
+        push_to_hub(tiny_checkpoint, "you/x", token="hf_x", staging_dir=stage)
+    assert "\n" not in str(info.value)
+    assert not stage.exists()  # the repo is created (and the Hub reached) before minutes of staging
+
+
+def test_converted_checkpoint_card_names_its_source_and_warns_about_the_license_fallback(
+    original_fixture_dir, converted_original_dir, tmp_path, caplog
+):
+    with caplog.at_level("WARNING", logger="transformers_aligngpt.hub"):
+        folder = prepare_push_folder(converted_original_dir, tmp_path / "stage", "you/aligngpt-conv")
+    assert "the card's license is the apache-2.0 fallback" in caplog.text and "--license" in caplog.text
+    card = (folder / "README.md").read_text()
+    assert f"| converted from | `{original_fixture_dir / 'checkpoint'}` |" in card  # the source as it was given
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="transformers_aligngpt.hub"):
+        folder = prepare_push_folder(converted_original_dir, tmp_path / "stage2", "you/x", license="llama2")
+    assert "fallback" not in caplog.text
+    assert ModelCard.load(folder / "README.md").data.to_dict()["license"] == "llama2"

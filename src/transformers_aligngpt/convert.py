@@ -15,6 +15,10 @@ Command line (also `aligngpt convert ...`):
     python -m transformers_aligngpt.convert --pretrain-artefact FILE --language-model DIR_OR_ID \
         --vision-tower DIR_OR_ID --output DIR
 
+`--output` must be a new or empty folder other than the source (`--overwrite` replaces the weights of an earlier
+run there). `--license` records the license for the model card; without it a Vicuna v1.5 / Llama 2 base named in
+the config gives `llama2` (AlignGPT-7B/13B), any other base none (and `aligngpt push` warns about the fallback).
+
 What the conversion does:
 
 - every original key is mapped (see `ORIGINAL_KEY_PATTERNS`); a weight left over or a parameter of the new model
@@ -48,6 +52,7 @@ import argparse
 import json
 import logging
 import os
+import pickle
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -89,6 +94,16 @@ ALIGN_EMBEDDINGS_KEY = "model.alignment_embeddings.weight"
 GATE_FC1_KEY = "model.alignment_gate.fc1.weight"
 EMBED_KEY = "model.language_model.embed_tokens.weight"
 LM_HEAD_KEY = "lm_head.weight"
+# key prefixes of this package's layout: a folder whose weights use them has been converted already
+CONVERTED_KEY_PREFIXES = ("model.language_model.", "model.vision_tower.", "model.multi_modal_projector.",
+                          "model.alignment_embeddings.", "model.alignment_gate.")
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
+# files `from_pretrained` picks weights from; `--overwrite` removes them from the output folder first
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".index.json")
+# Hub ids of base language models under the Llama 2 Community License (AlignGPT-7B/13B are built on Vicuna v1.5);
+# the license of any other base is not guessed: `--license` records it
+LLAMA2_BASES = re.compile(r"^(lmsys/vicuna-(7b|13b)-v1\.5(-16k)?|meta-llama/Llama-2-(7b|13b|70b)(-chat)?-hf)$",
+                          re.IGNORECASE)
 
 
 class ConversionError(ValueError):
@@ -104,19 +119,57 @@ def load_original_config(checkpoint: str | os.PathLike) -> dict:
     path = Path(checkpoint) / "config.json"
     if not path.is_file():
         raise ConversionError(f"No config.json in {checkpoint}: not a checkpoint of the original format.")
-    return json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ConversionError(f"{path} is not valid JSON ({error}): a damaged download?") from error
+    # this package's config has the same model_type (`aligngpt`) but nests the parts and has no LLaVA `mm_*` keys
+    if "text_config" in config or (
+        config.get("model_type") == "aligngpt" and not any(key.startswith("mm_") for key in config)
+    ):
+        raise ConversionError(
+            f"{checkpoint} is already converted (its config.json is this package's AlignGPT config: text_config / "
+            "vision_config, no mm_* keys). Load it with AutoModelForImageTextToText.from_pretrained, or upload it "
+            f"with `aligngpt push --model {checkpoint}`; --checkpoint takes a checkpoint of the original release."
+        )
+    return config
 
 
 def _load_weight_file(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise ConversionError(f"{path}: no such file (a shard the index names, or a wrong path?).")
     if path.name.endswith(".safetensors"):
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except SafetensorError as error:
+            raise ConversionError(
+                f"{path} is not a readable safetensors file ({error}): truncated or damaged, download it again."
+            ) from error
     # `weights_only=True`: tensors and plain containers only, never arbitrary pickled objects
     try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        # the weights-only unpickler refused the file: not a torch.save'd state dict (garbage, another format), or
+        # one holding objects other than tensors, which are never unpickled here. Its message is a long how-to
+        # about weights_only=False, which is not the fix: keep the reason only.
+        text = str(error)
+        reason = text.split("WeightsUnpickler error:")[-1].strip() if "WeightsUnpickler error:" in text else text
+        reason = reason.splitlines()[0].split(". Please")[0] if reason else type(error).__name__
+        raise ConversionError(
+            f"{path} is not a plain state dict of tensors (torch.load(weights_only=True) refused it: {reason}). A "
+            "damaged download, another file format, or a pickle holding other objects, which is not unpickled."
+        ) from error
+    except (RuntimeError, EOFError, ValueError, OSError) as error:
+        reason = str(error).split("\n")[0]
+        raise ConversionError(
+            f"{path} cannot be read as a PyTorch weight file ({reason}): truncated or damaged, download it again."
+        ) from error
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise ConversionError(f"{path} does not hold a flat state dict of tensors.")
     return state_dict
@@ -128,7 +181,10 @@ def load_original_state_dict(checkpoint: str | os.PathLike) -> dict[str, torch.T
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index_path = folder / index_name
         if index_path.is_file():
-            weight_map = json.loads(index_path.read_text())["weight_map"]
+            try:
+                weight_map = json.loads(index_path.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                raise ConversionError(f"{index_path} is not a weight index (JSON with a weight_map): {error}") from error
             state_dict = {}
             for shard in sorted(set(weight_map.values())):
                 state_dict.update(_load_weight_file(folder / shard))
@@ -173,7 +229,21 @@ def load_vision_config(vision_tower: str):
     """The vision tower's config (`clip_vision_model` / `siglip_vision_model`), also from a full CLIP checkpoint."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(vision_tower)
+    from .cli import looks_like_path
+
+    if looks_like_path(vision_tower) and not os.path.isdir(os.path.expanduser(vision_tower)):
+        raise ConversionError(f"Vision tower {vision_tower}: no such folder (and not a Hub id); pass --vision-tower "
+                              "with the CLIP/SigLIP checkpoint folder or Hub id.")
+    if os.path.isdir(vision_tower) and not (Path(vision_tower) / "config.json").is_file():
+        raise ConversionError(
+            f"Vision tower {vision_tower} has no config.json: expected a CLIP/SigLIP checkpoint folder (config.json, "
+            "preprocessor_config.json and, unless the checkpoint holds a copy of the tower, its weights)."
+        )
+    try:
+        config = AutoConfig.from_pretrained(vision_tower)
+    except ValueError as error:  # a config.json transformers does not know (or not a model config at all)
+        raise ConversionError(f"Vision tower {vision_tower}: its config.json is not a CLIP/SigLIP config "
+                              f"({str(error).splitlines()[0]}).") from error
     vision_config = getattr(config, "vision_config", None) or config
     # a Hub id is worth keeping in the converted config; a local path of the converting machine is not
     vision_config._name_or_path = "" if os.path.isdir(vision_tower) else vision_tower
@@ -314,6 +384,11 @@ def map_original_state_dict(
                 break
         else:
             unknown.append(key)
+    if unknown and all(key.startswith(CONVERTED_KEY_PREFIXES) for key in unknown):
+        raise ConversionError(
+            f"The weights are already in this package's layout ({min(unknown)}, ...): the folder has been "
+            "converted already; load it with AutoModelForImageTextToText.from_pretrained instead of converting it."
+        )
     if unknown:
         raise ConversionError(
             f"{len(unknown)} weights of the checkpoint have no place in the converted model: {sorted(unknown)[:20]}"
@@ -517,12 +592,69 @@ def build_generation_config(checkpoint: str | None, tokenizer, text_config):
 
 
 def _hub_ids(*names) -> list[str]:
-    """The names that are Hub ids (not local folders): the card's `base_model` metadata."""
-    return [str(n) for n in names if n and not os.path.isdir(str(n))]
+    """The names that are Hub ids (not local folders or paths): the card's `base_model` metadata."""
+    from .cli import looks_like_path
+
+    ids = [str(n) for n in names if n and not os.path.isdir(str(n)) and not looks_like_path(str(n))]
+    return list(dict.fromkeys(ids))
+
+
+def _default_license(language_model: str | None) -> str | None:
+    """The license a converted checkpoint inherits from its base LLM, where it is known (Vicuna v1.5 / Llama 2:
+    `llama2`); None otherwise (then `--license` says it, and `aligngpt push` warns about the apache-2.0 fallback)."""
+    return "llama2" if language_model and LLAMA2_BASES.match(language_model) else None
+
+
+def _card_facts(summary: str, *, source: str, language_model: str | None, vision_tower: str | None,
+                license: str | None) -> dict:
+    """What the converter knows for the model card (`aligngpt_card_info.json`)."""
+    facts = {"summary": summary, "base_models": _hub_ids(language_model, vision_tower),
+             "source": {"converted_from": source, "language_model": language_model, "vision_tower": vision_tower}}
+    facts["source"] = {key: value for key, value in facts["source"].items() if value}
+    license = license or _default_license(language_model)
+    if license:
+        facts["license"] = license
+    else:
+        logger.warning("The license of the converted model is not known (base language model: %s): pass --license "
+                       "(e.g. llama2 for Vicuna v1.5 / Llama 2 bases), or the model card falls back to apache-2.0.",
+                       language_model or "unknown")
+    return facts
+
+
+def check_output_dir(output_dir: str | os.PathLike | None, *, sources=(), overwrite: bool = False) -> None:
+    """Before any work: the output folder is none of the sources, and is empty unless `overwrite`."""
+    if output_dir is None:
+        return
+    output = Path(output_dir).expanduser()
+    for source in sources:
+        if source is not None and os.path.exists(source) and output.resolve() == Path(source).resolve():
+            raise ConversionError(
+                f"--output {output_dir} is the source folder {source}: the converted files would overwrite the "
+                "original's (config.json, tokenizer files). Give another --output folder."
+            )
+    if output.exists() and not output.is_dir():
+        raise ConversionError(f"--output {output_dir} is a file, not a folder.")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise ConversionError(
+            f"--output {output_dir} is not empty: files of an earlier run would stay beside the new ones (a stale "
+            "model.safetensors.index.json or pytorch_model.bin is loaded instead of, or mixed with, the new "
+            "weights). Give a new or empty folder, or pass --overwrite to replace the weights there."
+        )
+
+
+def _remove_stale_weights(output_dir: Path) -> None:
+    """`--overwrite`: removes the weight files (and indexes) of an earlier run. Only those: they are what
+    `from_pretrained` would pick up instead of, or mixed with, the new weights (an index wins over
+    model.safetensors; a .bin is read beside it). Every other file the conversion writes is replaced by name, and
+    files it does not write (a README, notes) may be the user's, so they are left alone."""
+    for path in output_dir.iterdir():
+        if path.is_file() and path.name.endswith(WEIGHT_FILE_SUFFIXES):
+            logger.info("--overwrite: removing %s", path)
+            path.unlink()
 
 
 def _finish(model, tokenizer, image_processor, generation_config, output_dir, push_to_hub, private, max_shard_size,
-            card_info):
+            card_info, overwrite=False):
     from .hub import push_to_hub as push_with_card
     from .hub import save_card_info
     from .processing_aligngpt import AlignGPTProcessor
@@ -535,6 +667,8 @@ def _finish(model, tokenizer, image_processor, generation_config, output_dir, pu
         image_processor=image_processor, tokenizer=tokenizer, num_image_tokens=model.config.num_image_tokens
     )
     if output_dir is not None:
+        if overwrite and Path(output_dir).is_dir():
+            _remove_stale_weights(Path(output_dir))
         model.save_pretrained(output_dir, max_shard_size=max_shard_size)
         processor.save_pretrained(output_dir)
         # what the card says about this checkpoint, for `aligngpt push --model OUTPUT` later
@@ -563,6 +697,8 @@ def convert_checkpoint(
     push_to_hub: str | None = None,
     private: bool | None = None,
     max_shard_size: str = "5GB",
+    overwrite: bool = False,
+    license: str | None = None,
 ):
     """Converts a full checkpoint of the original format. Returns `(model, processor)` (also saved / pushed).
 
@@ -573,20 +709,49 @@ def convert_checkpoint(
             are resolved against the checkpoint folder).
         dtype: `auto` (the checkpoint's `torch_dtype`), `float32`, `float16` or `bfloat16`.
         gate_text_scope: `conversation` (the original: answers are in the gate's text mean in training) or `prompt`.
+        overwrite: write into a non-empty `output_dir`, removing the weight files of an earlier run first.
+        license: Hub license id for the model card (default: `llama2` for a Vicuna v1.5 / Llama 2 base named in
+            the config's `_name_or_path`, else none recorded).
     """
+    from .cli import looks_like_path
+
+    source = str(checkpoint)  # as the user gave it: the card names the source by it
     checkpoint = Path(checkpoint)
     vision_tower = str(vision_tower) if vision_tower is not None else None
+    # cheap checks first: nothing is loaded before the folders are known to fit
     original_config = load_original_config(checkpoint)
+    check_output_dir(output_dir, sources=[checkpoint, vision_tower], overwrite=overwrite)
     _check_original_options(original_config)
     torch_dtype = _torch_dtype(dtype, original_config)
+    if not any((checkpoint / name).is_file() for name in TOKENIZER_FILES):
+        raise ConversionError(
+            f"No tokenizer in {checkpoint} (tokenizer.model or tokenizer.json): copy the tokenizer files of the "
+            "original release into it. Without them the converted model would get a tokenizer that does not fit "
+            f"its {original_config.get('vocab_size', '?')}-token vocabulary."
+        )
 
+    configured_tower = original_config.get("mm_vision_tower") or original_config.get("vision_tower")
     if vision_tower is None:
-        vision_tower = original_config.get("mm_vision_tower") or original_config.get("vision_tower")
-        if vision_tower is None:
+        if configured_tower is None:
             raise ConversionError("The config names no vision tower (mm_vision_tower); pass --vision-tower.")
-        vision_tower = _resolve_path_or_id(vision_tower, relative_to=checkpoint)
+        vision_tower = _resolve_path_or_id(configured_tower, relative_to=checkpoint)
+        # releases record a path of the authors' machine: a path that is not here is no Hub id either
+        if looks_like_path(vision_tower) and not os.path.isdir(vision_tower):
+            raise ConversionError(
+                f"config.json names the vision tower {configured_tower!r} (mm_vision_tower), a path that does not "
+                "exist here (the original records a path of the machine it was trained on): pass --vision-tower "
+                "with the tower's folder or Hub id, e.g. openai/clip-vit-large-patch14-336 for AlignGPT-7B/13B."
+            )
         logger.info("Using the vision tower of the config: %s", vision_tower)
-    vision_config = load_vision_config(vision_tower)
+        try:
+            vision_config = load_vision_config(vision_tower)
+        except OSError as error:
+            raise ConversionError(
+                f"Cannot load the vision tower {vision_tower!r} that config.json names (mm_vision_tower): "
+                f"{str(error).splitlines()[0]} Pass --vision-tower with the tower's folder or Hub id."
+            ) from error
+    else:
+        vision_config = load_vision_config(vision_tower)
 
     text_config = build_text_config(original_config)
     state_dict = map_original_state_dict(load_original_state_dict(checkpoint), text_config)
@@ -606,6 +771,7 @@ def convert_checkpoint(
 
     tokenizer = load_tokenizer(str(checkpoint), model_max_length=original_config.get("tokenizer_model_max_length"),
                                config=text_config)
+    _check_tokenizer_fits(tokenizer, state_dict[EMBED_KEY].shape[0], checkpoint)
     vocab_size = max(len(tokenizer), state_dict[EMBED_KEY].shape[0])
     text_config.vocab_size = vocab_size
     resize_vocabulary(state_dict, vocab_size, bool(text_config.tie_word_embeddings))
@@ -629,15 +795,32 @@ def convert_checkpoint(
 
     image_processor = build_image_processor(vision_tower, original_config.get("image_aspect_ratio") == "pad")
     generation_config = build_generation_config(str(checkpoint), tokenizer, text_config)
-    source = os.path.basename(os.path.normpath(checkpoint))
-    card_info = {
-        "summary": f"Converted from the original AlignGPT release format (`{source}`) with `aligngpt convert` from "
+    # the LLM the release was built on, where its config says so with a Hub id (old transformers saved
+    # `_name_or_path`; a path of the authors' machine says nothing here)
+    language_model = next(iter(_hub_ids(original_config.get("_name_or_path"))), None)
+    # the tower: the Hub id it was given by, else the one config.json names (not a local path)
+    tower_id = next(iter(_hub_ids(vision_tower) or _hub_ids(configured_tower)), None)
+    card_info = _card_facts(
+        f"Converted from the original AlignGPT release format (`{source}`) with `aligngpt convert` from "
         "transformers-aligngpt: every weight is the original's; the vocabulary gains the `<image>` and `<align>` "
         "placeholders.",
-        "base_models": _hub_ids(vision_tower),
-    }
+        source=source, language_model=language_model, vision_tower=tower_id, license=license,
+    )
     return _finish(model, tokenizer, image_processor, generation_config, output_dir, push_to_hub, private,
-                   max_shard_size, card_info)
+                   max_shard_size, card_info, overwrite)
+
+
+def _check_tokenizer_fits(tokenizer, vocab_rows: int, checkpoint) -> None:
+    """The original tokenizer covers the embedding rows exactly, so that `<image>` / `<align>` get new ids after
+    them; a smaller one (a missing or wrong tokenizer.model) would give them ids of real rows."""
+    size = len(tokenizer) - 2  # before <image> and <align>
+    ids = sorted(tokenizer.convert_tokens_to_ids(token) for token in (IMAGE_TOKEN, ALIGNMENT_TOKEN))
+    if size != vocab_rows or ids != [vocab_rows, vocab_rows + 1]:
+        raise ConversionError(
+            f"The tokenizer in {checkpoint} has {size} tokens but the checkpoint's vocabulary (vocab_size, "
+            f"embedding rows) has {vocab_rows}: a wrong or incomplete tokenizer (tokenizer.model missing?). "
+            "Copy the tokenizer files of the original release into the folder."
+        )
 
 
 def _check_gate_width(config, state_dict):
@@ -682,6 +865,8 @@ def convert_pretrain_artefact(
     push_to_hub: str | None = None,
     private: bool | None = None,
     max_shard_size: str = "5GB",
+    overwrite: bool = False,
+    license: str | None = None,
 ):
     """Phase-1 artefact + a language model + a vision tower -> the starting point of instruction tuning.
 
@@ -690,9 +875,13 @@ def convert_pretrain_artefact(
     the artefact does not record (feature layer, feature selection, aspect ratio) are taken from a `config.json`
     next to the artefact when the original wrote one, else from the arguments (defaults: -2, `patch`, `pad`).
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     artefact, language_model, vision_tower = Path(artefact), str(language_model), str(vision_tower)
+    check_output_dir(output_dir, sources=[artefact.parent, language_model, vision_tower], overwrite=overwrite)
+    if not artefact.is_file():
+        raise ConversionError(f"--pretrain-artefact {artefact}: no such file.")
     sidecar = artefact.parent / "config.json"
     original_config = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
     if original_config:
@@ -710,6 +899,19 @@ def convert_pretrain_artefact(
     projector_type = _projector_type_from_keys(mm_state_dict)
     vision_config = load_vision_config(vision_tower)
 
+    # the config first: a folder of another kind (the AlignGPT checkpoint, a vision tower) fails here, clearly
+    try:
+        llm_config = AutoConfig.from_pretrained(language_model)
+    except ValueError as error:
+        raise ConversionError(f"--language-model {language_model}: its config.json is not one transformers knows "
+                              f"({str(error).splitlines()[0]}); expected a causal LM such as lmsys/vicuna-7b-v1.5.") from error
+    if type(llm_config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise ConversionError(
+            f"--language-model {language_model} is not a causal language model (model_type "
+            f"{llm_config.model_type!r}): expected the text-only LLM the phase-1 artefact was trained on (a folder or "
+            "Hub id that AutoModelForCausalLM loads, e.g. lmsys/vicuna-7b-v1.5), not an AlignGPT checkpoint or a "
+            "vision tower."
+        )
     llm = AutoModelForCausalLM.from_pretrained(language_model, dtype=torch_dtype or "auto")
     torch_dtype = torch_dtype or llm.dtype
     text_config = llm.config
@@ -750,14 +952,16 @@ def convert_pretrain_artefact(
     image_processor = build_image_processor(vision_tower, image_aspect_ratio == "pad")
     generation_config = build_generation_config(language_model if os.path.isdir(language_model) else None,
                                                 tokenizer, text_config)
-    card_info = {
-        "summary": "Built by `aligngpt convert` from an original AlignGPT phase-1 artefact (projector and alignment "
-        "embeddings) with its language model and vision tower. **The alignment gate is freshly initialised** (phase "
-        "1 has none): instruction-tune this checkpoint (phase 2) before using it.",
-        "base_models": _hub_ids(language_model, vision_tower),
-    }
+    llm_id = next(iter(_hub_ids(language_model) or _hub_ids(getattr(text_config, "_name_or_path", None))), None)
+    card_info = _card_facts(
+        f"Built by `aligngpt convert` from an original AlignGPT phase-1 artefact (`{artefact}`: projector and "
+        "alignment embeddings) with its language model and vision tower. **The alignment gate is freshly "
+        "initialised** (phase 1 has none): instruction-tune this checkpoint (phase 2) before using it.",
+        source=str(artefact), language_model=llm_id, vision_tower=next(iter(_hub_ids(vision_tower)), None),
+        license=license,
+    )
     return _finish(model, tokenizer, image_processor, generation_config, output_dir, push_to_hub, private,
-                   max_shard_size, card_info)
+                   max_shard_size, card_info, overwrite)
 
 
 def fresh_gate_state_dict(config, seed: int | None = 0) -> dict[str, torch.Tensor]:
@@ -825,7 +1029,12 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
                         "mm_vision_tower")
     parser.add_argument("--language-model", help="with --pretrain-artefact: folder or Hub id of the LLM (e.g. "
                         "lmsys/vicuna-7b-v1.5), its tokenizer is used too")
-    parser.add_argument("--output", help="where to write the converted model and processor")
+    parser.add_argument("--output", help="where to write the converted model and processor (a new or empty folder)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into a non-empty --output, removing the weight files of an earlier run first")
+    parser.add_argument("--license", default=None, metavar="ID",
+                        help="Hub license id for the model card (default: llama2 when the config names a Vicuna v1.5 "
+                        "/ Llama 2 base, as AlignGPT-7B/13B do; else none, and `aligngpt push` warns)")
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                         help="dtype of the converted weights (auto: the checkpoint's torch_dtype)")
     parser.add_argument("--gate-text-scope", default="conversation", choices=["conversation", "prompt"],
@@ -858,20 +1067,26 @@ def add_convert_subparser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_convert(args: argparse.Namespace):
+    """`aligngpt convert`: input problems (and every ConversionError) are CommandErrors, which the command line
+    reports as `aligngpt convert: error: ...` with exit status 2, without a traceback."""
     from .cli import CommandError, check_model_sources
+    from .hub import HubPushError, check_repo_id
 
-    try:
-        check_model_sources(args, "--language-model", "--vision-tower")
-    except CommandError as error:
-        raise SystemExit(f"convert: {error}") from None
+    check_model_sources(args, "--language-model", "--vision-tower")
     if bool(args.checkpoint) == bool(args.pretrain_artefact):
-        raise SystemExit("convert: give exactly one of --checkpoint or --pretrain-artefact")
+        raise CommandError("give exactly one of --checkpoint or --pretrain-artefact")
     if not args.output and not args.push_to_hub:
-        raise SystemExit("convert: give --output and/or --push-to-hub")
+        raise CommandError("give --output and/or --push-to-hub")
     if args.pretrain_artefact and (not args.language_model or not args.vision_tower):
-        raise SystemExit("convert: --pretrain-artefact needs --language-model and --vision-tower")
+        raise CommandError("--pretrain-artefact needs --language-model and --vision-tower")
+    if args.push_to_hub:
+        try:
+            check_repo_id(args.push_to_hub)
+        except ValueError as error:
+            raise CommandError(f"--push-to-hub {error}") from None
     common = dict(dtype=args.dtype, gate_text_scope=args.gate_text_scope, push_to_hub=args.push_to_hub,
-                  private=args.private, max_shard_size=args.max_shard_size)
+                  private=args.private, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+                  license=args.license)
     try:
         if args.checkpoint:
             model, _ = convert_checkpoint(args.checkpoint, args.vision_tower, args.output, **common)
@@ -883,9 +1098,12 @@ def run_convert(args: argparse.Namespace):
                 seed=args.seed, **common,
             )
     except ConversionError as error:
-        raise SystemExit(f"convert: {error}") from error
+        raise CommandError(str(error)) from error
+    except HubPushError as error:  # converted (and saved to --output), but the upload failed
+        saved = f" (the converted model is in {args.output})" if args.output else ""
+        raise CommandError(f"--push-to-hub: {error}{saved}") from error
     except OSError as error:  # a tower / LLM that is neither a folder here nor loadable from the Hub
-        raise SystemExit(f"convert: cannot load a model it needs: {error}") from error
+        raise CommandError(f"cannot load a model it needs: {error}") from error
     where = " and ".join(x for x in (args.output, args.push_to_hub and f"hub:{args.push_to_hub}") if x)
     print(f"Converted AlignGPT ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
           f"{model.dtype}) -> {where}")
@@ -897,11 +1115,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_arguments(parser)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    return run_convert(parser.parse_args(argv))
+    from .cli import CommandError
+
+    try:
+        return run_convert(parser.parse_args(argv))
+    except CommandError as error:
+        parser.error(str(error))  # usage and `...: error: ...`, exit status 2, as `aligngpt convert`
 
 
 __all__ = [
     "ConversionError",
+    "check_output_dir",
     "convert_checkpoint",
     "convert_pretrain_artefact",
     "convert_original_sequence",

@@ -20,13 +20,19 @@ arguments, which take precedence. Its keys, all optional:
      "alignment_levels": [{"level": 0, ...one row per level...}],
      "gate_statistics": {"mean": [w_0, ..., w_{N-2}], "std": [...], "num_samples": int, "source": str},
      "eval_results": see `normalize_eval_results`,
-     "example_question": str}
+     "example_question": str,
+     "source": {"converted_from": str, "language_model": str, "vision_tower": str}}
+
+`source` is written by `aligngpt convert`: what the checkpoint was converted from and its base models.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
+import os
 import tempfile
 from collections.abc import Iterable, Mapping
 from importlib import resources
@@ -40,8 +46,17 @@ DEFAULT_LICENSE = "apache-2.0"
 DEFAULT_QUESTION = "What is shown in the image?"
 CARD_INFO_KEYS = (
     "model_name", "summary", "license", "base_models", "datasets", "tags", "training", "alignment_levels",
-    "gate_statistics", "eval_results", "example_question",
+    "gate_statistics", "eval_results", "example_question", "source",
 )
+SOURCE_ROWS = {"converted_from": "converted from", "language_model": "base language model",
+               "vision_tower": "base vision tower"}
+CONVERTED_SUMMARY_PREFIXES = ("Converted from the original AlignGPT", "Built by `aligngpt convert`")
+
+logger = logging.getLogger(__name__)
+
+
+class HubPushError(RuntimeError):
+    """The Hub could not be reached, or refused the upload (one line, naming the endpoint)."""
 
 
 def template_path() -> Path:
@@ -81,9 +96,12 @@ def markdown_table(rows: Iterable[Mapping[str, Any]], columns: Iterable[str] | N
 
 
 # ---------------------------------------------------------------------------------------------- card sections
-def architecture_rows(config, num_parameters: int | None = None) -> list[dict[str, Any]]:
+def architecture_rows(config, num_parameters: int | None = None,
+                      source: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
     vision, text = config.vision_config, config.text_config
-    rows = [
+    rows = [{"part": SOURCE_ROWS[key], "value": f"`{value}`"} for key, value in (source or {}).items()
+            if key in SOURCE_ROWS and value]
+    rows += [
         {"part": "vision tower", "value": f"{vision.model_type}: {vision.num_hidden_layers} layers, width "
          f"{vision.hidden_size}, {vision.image_size} px, patch {vision.patch_size}"},
         {"part": "image features", "value": f"{config.num_image_tokens} tokens per image from layer "
@@ -192,6 +210,7 @@ def build_model_card(
     example_image: str = "image.png",
     num_parameters: int | None = None,
     template: str | Path | None = None,
+    source: Mapping[str, Any] | None = None,
 ):
     """A `huggingface_hub.ModelCard` for an AlignGPT checkpoint, rendered from the package's template.
 
@@ -199,7 +218,7 @@ def build_model_card(
         config: the model's `AlignGPTConfig` (architecture table, number of levels).
         repo_id: where the card will live (`user/name`), used in the usage snippet; a local folder works too.
         base_models / datasets: Hub ids for the YAML metadata (`base_model`, `datasets`).
-        training / alignment_levels / gate_statistics / eval_results: see the module docstring.
+        training / alignment_levels / gate_statistics / eval_results / source: see the module docstring.
     """
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
@@ -237,7 +256,7 @@ def build_model_card(
         # a Python literal: questions hold quotes and newlines (LLaVA's "\nAnswer the question using ...")
         example_question_literal=repr(example_question),
         example_image=example_image,
-        architecture_table=markdown_table(architecture_rows(config, num_parameters), ["part", "value"]),
+        architecture_table=markdown_table(architecture_rows(config, num_parameters, source), ["part", "value"]),
         training_section=training_section(training),
         levels_section=levels_section(alignment_levels, config.num_alignment_levels),
         gate_section=gate_section(gate_statistics),
@@ -268,6 +287,75 @@ def load_card_info(source: str | Path | Mapping[str, Any] | None) -> dict[str, A
 def save_card_info(folder: str | Path, info: Mapping[str, Any]) -> None:
     """Writes the card facts as `folder/aligngpt_card_info.json`, which `load_card_info(folder)` reads back."""
     (Path(folder) / CARD_INFO_FILENAME).write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------- checks
+def check_repo_id(repo_id: str) -> str:
+    """`user/name` as the Hub accepts it (ValueError saying what is wrong otherwise)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if "/" not in repo_id.strip("/"):
+        raise ValueError(f"must look like user/name, got {repo_id!r}")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise ValueError(f"{repo_id!r} is not a valid repo id ({str(error).splitlines()[0]})") from None
+    return repo_id
+
+
+def check_push_model(model) -> None:
+    """A checkpoint folder given to push is a whole AlignGPT checkpoint of this package's format (ValueError
+    otherwise). Reads config.json only; a Hub id or a model object is checked when it is loaded."""
+    if not isinstance(model, (str, Path)) or not Path(model).is_dir():
+        return
+    folder = Path(model)
+    if (folder / "adapter_config.json").exists():
+        raise ValueError(
+            f"{model} is a LoRA adapter, not a whole model: push the merged model instead (`aligngpt sft --merge` "
+            "writes it to <output>/merged; `transformers_aligngpt.training.merge_qlora_adapter` merges a saved one)"
+        )
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{model} has no config.json: not a checkpoint folder")
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{folder / 'config.json'} is not valid JSON ({error})") from None
+    model_type = config.get("model_type")
+    if model_type == "aligngpt" and "text_config" not in config and any(key.startswith("mm_") for key in config):
+        raise ValueError(
+            f"{model} is a checkpoint of the original AlignGPT release format (LLaVA-style mm_* keys): convert it "
+            f"first (`aligngpt convert --checkpoint {model} --output DIR`), then push DIR"
+        )
+    if model_type != "aligngpt":
+        raise ValueError(f"{model} is not an AlignGPT checkpoint (config.json has model_type {model_type!r})")
+
+
+def check_staging_dir(folder: str | Path | None) -> None:
+    """The staging folder is uploaded as it is: it must be new or empty, or stray files would be published."""
+    if folder is None:
+        return
+    folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise ValueError(
+            f"staging folder {folder} is not empty: everything in it is uploaded, so files already there would be "
+            "published too. Give a new or empty folder."
+        )
+
+
+def is_converted(info: Mapping[str, Any]) -> bool:
+    """Card facts of a checkpoint made by `aligngpt convert` (also folders converted before `source` existed)."""
+    return bool(info.get("source")) or str(info.get("summary") or "").startswith(CONVERTED_SUMMARY_PREFIXES)
+
+
+def license_warning(info: Mapping[str, Any]) -> str | None:
+    """A converted checkpoint whose card would only get the apache-2.0 fallback: its weights are under the base
+    models' licenses (Llama 2 Community License for Vicuna v1.5, the base of AlignGPT-7B/13B)."""
+    if info.get("license") or not is_converted(info):
+        return None
+    return (f"the card's license is the {DEFAULT_LICENSE} fallback, but this checkpoint was converted from the "
+            "original release, whose weights carry their base models' licenses (AlignGPT-7B/13B: Vicuna v1.5, "
+            "Llama 2 Community License): pass --license (e.g. llama2)")
 
 
 def _checkpoint_card_info(model) -> str | None:
@@ -318,16 +406,13 @@ def prepare_push_folder(
 
     Args:
         model: an `AlignGPTForConditionalGeneration` (then also pass `processor`) or a checkpoint folder.
-        folder: the staging folder (created; files of the same names are overwritten).
+        folder: the staging folder (created; it must be new or empty, as all of it is uploaded).
         repo_id: the target repo, written into the card's usage snippet.
         card_info: facts for the card (see the module docstring); by default the checkpoint folder's
             `aligngpt_card_info.json` when `model` is a folder. `card_kwargs` override single facts.
     """
-    if isinstance(model, (str, Path)) and (Path(model) / "adapter_config.json").exists():
-        raise ValueError(
-            f"{model} is a LoRA adapter, not a whole model: push the merged model instead (`aligngpt sft --merge` "
-            "writes it to <output>/merged; `transformers_aligngpt.training.merge_qlora_adapter` merges a saved one)"
-        )
+    check_push_model(model)
+    check_staging_dir(folder)
     if card_info is None and isinstance(model, (str, Path)):
         card_info = _checkpoint_card_info(model)
     info = {**load_card_info(card_info), **{k: v for k, v in card_kwargs.items() if v is not None}}
@@ -336,6 +421,9 @@ def prepare_push_folder(
     unknown = set(info) - set(CARD_INFO_KEYS)
     if unknown:
         raise TypeError(f"unexpected card arguments {sorted(unknown)}; known: {', '.join(CARD_INFO_KEYS)}")
+    warning = license_warning(info)
+    if warning:
+        logger.warning("Warning: %s.", warning)
     model, processor = _load_model_and_processor(model, processor)
 
     folder = Path(folder)
@@ -375,29 +463,63 @@ def push_to_hub(
     """Stages the checkpoint with `prepare_push_folder` and uploads it with `huggingface_hub` (one commit).
 
     Returns the `CommitInfo` (its `.commit_url` / `.repo_url` say where it went). The token comes from `token`,
-    `HF_TOKEN` or `hf auth login`.
+    `HF_TOKEN` or `hf auth login`. The repo id, the model folder and the staging folder are checked first, then the
+    repo is created (which finds an unreachable Hub or a bad token before minutes of staging), then staged and
+    uploaded. Network and Hub errors are raised as `HubPushError` (one line, naming the endpoint).
     """
     from huggingface_hub import HfApi
 
+    check_repo_id(repo_id)
+    check_push_model(model)
+    check_staging_dir(staging_dir)
     api = HfApi(token=token)
+    with _hub_errors(api):
+        api.create_repo(repo_id, private=private, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="aligngpt-push-") as tmp:
         folder = prepare_push_folder(
             model, staging_dir or tmp, repo_id, processor=processor, card_info=card_info,
             max_shard_size=max_shard_size, **card_kwargs,
         )
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        return api.upload_folder(
-            repo_id=repo_id,
-            folder_path=folder,
-            commit_message=commit_message,
-            revision=revision,
-            create_pr=create_pr,
-        )
+        with _hub_errors(api):
+            return api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                commit_message=commit_message,
+                revision=revision,
+                create_pr=create_pr,
+            )
+
+
+def _is_network_error(error: BaseException) -> bool:
+    # HfHubHTTPError and requests' errors are OSErrors; httpx's (huggingface_hub >= 1 uses httpx, or a vendored
+    # copy named httpx2) are not, so they are recognised by their module
+    return isinstance(error, OSError) or any(
+        cls.__module__.split(".")[0] in ("httpx", "httpx2", "requests", "urllib3") for cls in type(error).__mro__
+    )
+
+
+@contextlib.contextmanager
+def _hub_errors(api):
+    """Turns a network or Hub error of the block into a one-line HubPushError naming the endpoint."""
+    endpoint = getattr(api, "endpoint", None) or os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    try:
+        yield
+    except Exception as error:
+        if not _is_network_error(error):
+            raise
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise HubPushError(f"the Hub at {endpoint} cannot be reached or refused the request "
+                           f"({type(error).__name__}: {reason}); check HF_ENDPOINT, the network and the token") from error
 
 
 __all__ = [
     "CARD_INFO_FILENAME",
+    "HubPushError",
     "build_model_card",
+    "check_push_model",
+    "check_repo_id",
+    "check_staging_dir",
+    "license_warning",
     "load_card_info",
     "markdown_table",
     "normalize_eval_results",
