@@ -245,7 +245,7 @@ def test_chat_reads_questions_from_stdin(checkpoint, model, processor, images):
     image = checkpoint.parent / "image.png"
     result = run_cli("chat", "--model", str(checkpoint), "--image", str(image), "--max-new-tokens", "6",
                      "--show-gate", stdin="What is shown?\n\n/reset please\n/imgae x.png\nwhat is <align>?\nWhat is shown?\n"
-                     "/image /nope.png\n/quit now\nignored\n")
+                     f"/image /nope.png\n/image\n/image {checkpoint.parent}\n/quit now\nignored\n")
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     from PIL import Image
@@ -256,9 +256,23 @@ def test_chat_reads_questions_from_stdin(checkpoint, model, processor, images):
     assert sum(line.startswith("  gate: L0=") for line in lines) == 2
     assert "(conversation cleared)" in lines
     assert "error: image /nope.png: no such file" in lines
+    assert "error: /image needs a file: /image FILE" in lines
+    assert f"error: image {checkpoint.parent}: is a folder, not an image file" in lines
     assert any(line.startswith("error: unknown command /imgae") for line in lines)  # a typo is not a question
     assert any(line.startswith("error: Text 0 holds '<align>'") for line in lines)  # the session goes on
     assert "USER: ignored" not in lines  # /quit ends the session
+
+
+def test_chat_on_a_checkpoint_that_is_not_image_text_to_text_is_one_line(tmp_path):
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                vocab_size=100).save_pretrained(tmp_path / "llm")
+    result = run_cli("chat", "--model", str(tmp_path / "llm"), stdin="")
+    assert result.returncode == 2
+    assert "not an image-text-to-text checkpoint" in result.stderr and "Traceback" not in result.stderr
+    error = result.stderr.strip().splitlines()[-1]  # after the usage: one line, not ~200 config class names
+    assert error.startswith("aligngpt chat: error: --model") and len(error) < 500
 
 
 def test_push_dry_run_writes_the_upload_folder(checkpoint, tmp_path):
@@ -427,3 +441,50 @@ def test_pretrain_then_sft_end_to_end_with_python_m(tmp_path, images):
     for folder in ("phase2q/base-model", "phase2q/merged"):
         weights = load_checkpoint(tmp_path / folder)[0].state_dict()["model.alignment_embeddings.weight"]
         torch.testing.assert_close(weights, table.to(weights.dtype), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------- push / convert input checks
+def test_push_checks_every_input_before_staging(tiny_checkpoint, original_fixture_dir, tmp_path, capsys):
+    stage = tmp_path / "stage"
+    bad_card, bad_eval, stray = tmp_path / "card.json", tmp_path / "eval.json", tmp_path / "stray"
+    bad_card.write_text('{"licence": "mit"}')
+    bad_eval.write_text("nope")
+    stray.mkdir()
+    (stray / "secrets.txt").write_text("token")
+    push = ["push", "--model", str(tiny_checkpoint), "--dry-run", "--staging-dir", str(stage)]
+    for argv, message in [
+        (push + ["--repo-id", "me/bad name"], "--repo-id 'me/bad name' is not a valid repo id"),
+        (push + ["--repo-id", "me/t", "--card-info", str(bad_card)], "unknown card info keys ['licence']"),
+        (push + ["--repo-id", "me/t", "--eval-results", str(bad_eval)], "not evaluation results"),
+        (["push", "--model", str(original_fixture_dir / "checkpoint"), "--repo-id", "me/t"],
+         "is a checkpoint of the original AlignGPT release format (LLaVA-style mm_* keys): convert it first"),
+        (["push", "--model", str(tiny_checkpoint), "--repo-id", "me/t", "--dry-run", "--staging-dir", str(stray)],
+         "--staging-dir: staging folder"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.startswith("usage: aligngpt push") and message in err, err
+        assert "Traceback" not in err
+    assert not stage.exists() and [p.name for p in stray.iterdir()] == ["secrets.txt"]
+
+
+def test_push_to_an_unreachable_hub_is_one_line(tiny_checkpoint, capsys, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    with pytest.raises(SystemExit) as exit_info:
+        main(["push", "--model", str(tiny_checkpoint), "--repo-id", "me/t", "--token", "hf_x"])
+    assert exit_info.value.code == 2
+    assert "aligngpt push: error: the Hub at http://127.0.0.1:9 cannot be reached" in capsys.readouterr().err
+
+
+def test_convert_errors_are_usage_errors(tiny_checkpoint, tmp_path, capsys):
+    """A ConversionError is `aligngpt convert: error: ...`, exit status 2, as the other subcommands' input errors."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert", "--checkpoint", str(tiny_checkpoint), "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"aligngpt convert: error: {tiny_checkpoint} is already converted" in err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert", "--checkpoint", str(tiny_checkpoint), "--push-to-hub", "me/bad name"])
+    assert exit_info.value.code == 2 and "--push-to-hub 'me/bad name' is not a valid repo id" in capsys.readouterr().err

@@ -269,7 +269,8 @@ def add_push_subparser(subparsers) -> argparse.ArgumentParser:
     card.add_argument("--card-info", default=None,
                       help="JSON file of card facts (default: <model>/aligngpt_card_info.json if present)")
     card.add_argument("--model-name", default=None, help="title of the card (default: the repo name)")
-    card.add_argument("--license", default=None, help="license id for the metadata (default: apache-2.0)")
+    card.add_argument("--license", default=None, help="license id for the metadata (default: the card info's, else "
+                      "apache-2.0, with a warning for a converted checkpoint)")
     card.add_argument("--base-model", action="append", default=None, dest="base_models", metavar="ID",
                       help="a base model's Hub id (repeat for the vision tower and the LLM)")
     card.add_argument("--dataset", action="append", default=None, dest="datasets", metavar="ID",
@@ -279,7 +280,8 @@ def add_push_subparser(subparsers) -> argparse.ArgumentParser:
                       help="evaluation results JSON ({task: {metric: value}}, a list of {task, metric, value}, or an "
                       "lmms-eval results file)")
     stage = parser.add_argument_group("staging")
-    stage.add_argument("--staging-dir", default=None, help="write the staged folder here (default: a temp folder)")
+    stage.add_argument("--staging-dir", default=None, help="write the staged folder here, a new or empty folder "
+                       "(all of it is uploaded; default: a temp folder)")
     stage.add_argument("--dry-run", action="store_true", help="stage only, upload nothing (needs --staging-dir)")
     parser.set_defaults(func=run_push)
     return parser
@@ -289,34 +291,70 @@ def run_push(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
+    from .hub import (
+        HubPushError,
+        check_push_model,
+        check_repo_id,
+        check_staging_dir,
+        load_card_info,
+        normalize_eval_results,
+        prepare_push_folder,
+        push_to_hub,
+    )
+
+    # every input is checked before anything is loaded or staged (a 7B checkpoint takes minutes to stage)
     if args.dry_run and not args.staging_dir:
         raise CommandError("--dry-run needs --staging-dir (where to write the folder that would be uploaded)")
-    if args.card_info and not Path(args.card_info).is_file():
-        raise CommandError(f"--card-info {args.card_info}: no such file")
+    try:
+        check_repo_id(args.repo_id)
+    except ValueError as error:
+        raise CommandError(f"--repo-id {error}") from None
+    if args.card_info:
+        if not Path(args.card_info).is_file():
+            raise CommandError(f"--card-info {args.card_info}: no such file")
+        try:
+            load_card_info(args.card_info)
+        except ValueError as error:  # JSONDecodeError is a ValueError too
+            raise CommandError(f"--card-info {args.card_info}: {error}") from None
     eval_results = None
     if args.eval_results:
         path = Path(args.eval_results)
         if not path.is_file():
             raise CommandError(f"--eval-results {path}: no such file")
-        eval_results = json.loads(path.read_text(encoding="utf-8"))
-    if "/" not in args.repo_id.strip("/"):
-        raise CommandError(f"--repo-id must look like user/name, got {args.repo_id!r}")
-
-    from .hub import prepare_push_folder, push_to_hub
+        try:
+            eval_results = json.loads(path.read_text(encoding="utf-8"))
+            normalize_eval_results(eval_results)
+        except (ValueError, TypeError, AttributeError) as error:
+            raise CommandError(
+                f"--eval-results {path}: not evaluation results ({error}); expected JSON {{task: {{metric: value}}}}, "
+                "a list of {task, metric, value}, or an lmms-eval results file"
+            ) from None
+    model = check_model_source("--model", args.model)
+    try:
+        check_push_model(model)
+    except ValueError as error:
+        raise CommandError(f"--model {error}") from None
+    try:
+        check_staging_dir(args.staging_dir)
+    except ValueError as error:
+        raise CommandError(f"--staging-dir: {error}") from None
 
     card = {"model_name": args.model_name, "license": args.license, "base_models": args.base_models,
                 "datasets": args.datasets, "tags": args.tags, "eval_results": eval_results}
     if args.dry_run:
-        folder = prepare_push_folder(args.model, args.staging_dir, args.repo_id, card_info=args.card_info, **card)
+        folder = prepare_push_folder(model, args.staging_dir, args.repo_id, card_info=args.card_info, **card)
         print(f"Staged {args.repo_id} in {folder} (dry run: nothing uploaded). Files:")
         for path in sorted(folder.iterdir()):
             print(f"  {path.name}")
         return 0
-    info = push_to_hub(
-        args.model, args.repo_id, token=args.token, private=args.private, revision=args.revision,
-        create_pr=args.create_pr, commit_message=args.commit_message, staging_dir=args.staging_dir,
-        card_info=args.card_info, **card,
-    )
+    try:
+        info = push_to_hub(
+            model, args.repo_id, token=args.token, private=args.private, revision=args.revision,
+            create_pr=args.create_pr, commit_message=args.commit_message, staging_dir=args.staging_dir,
+            card_info=args.card_info, **card,
+        )
+    except HubPushError as error:
+        raise CommandError(str(error)) from None
     print(f"Pushed to {getattr(info, 'commit_url', None) or info}")
     return 0
 
