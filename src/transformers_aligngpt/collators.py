@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import numbers
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +20,7 @@ from transformers.utils import logging
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
 from .configuration_aligngpt import GATE_TEXT_SCOPES
+from .data import integer_level
 from .processing_aligngpt import plain_pretraining_text
 
 IGNORE_INDEX = -100
@@ -43,20 +43,6 @@ def _load_image(image: Any) -> Image.Image:
         except (OSError, ValueError) as error:
             raise ValueError(f"Image {str(image)!r} could not be read ({error}).") from error
     raise TypeError(f"Expected a PIL image or a path to an image, got {type(image).__name__}.")
-
-
-def _integer_level(value: Any) -> int | None:
-    """`value` as an int when it is an integer (a Python / numpy / 0-d torch integer, or an integral float such as
-    3.0), else None (strings, booleans, 0.5, NaN)."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.item()
-    if isinstance(value, (str, bytes, bool)) or type(value).__name__ == "bool_":
-        return None
-    if isinstance(value, numbers.Integral):
-        return int(value)
-    if isinstance(value, numbers.Real) and float(value).is_integer():
-        return int(value)
-    return None
 
 
 def placeholder_ids(processor) -> tuple[int, int]:
@@ -134,7 +120,8 @@ class AlignGPTPretrainingCollator:
                 "every image-caption pair. Score the pairs with CLIP and bucket the scores into levels first "
                 "(transformers_aligngpt.alignment_levels)."
             )
-        level = _integer_level(example[self.level_column])
+        value = example[self.level_column]
+        level = integer_level(value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value)
         if level is None:
             raise ValueError(
                 f"Pre-training example {index} has {self.level_column}={example[self.level_column]!r}, not an integer: "

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -175,15 +176,24 @@ def _read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
     return records
 
 
+def integer_level(value: Any) -> int | None:
+    """`value` as an int when it is an integer (Python or NumPy, or an integral float such as 3.0), else None
+    (strings, booleans, 0.5, NaN): alignment levels are bucket indices, which `int()` would silently truncate."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_" or not isinstance(value, numbers.Real):
+        return None
+    return int(value) if float(value).is_integer() else None
+
+
 def _level_from_similarity(value: Any, record_id: Any) -> int | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
+    level = integer_level(value)
+    if level is None:
         raise ValueError(
             f"record {record_id!r}: `similarity` is {value!r}, expected an integer alignment level "
             "(AlignGPT stores the level there, not the raw CLIP score)"
         )
-    return int(value)
+    return level
 
 
 def load_llava_json(
