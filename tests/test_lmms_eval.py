@@ -207,10 +207,17 @@ def test_loglikelihood(checkpoint, mixed_docs):
     context = lm.processor(text=[prompt], images=[doc["image"]], return_tensors="pt")["input_ids"][0]
     full = lm.processor(text=[prompt + " Yes"], images=[doc["image"]], return_tensors="pt")
     assert torch.equal(full["input_ids"][0, : len(context)], context)
-    with torch.no_grad():
-        logits = lm.model(**full).logits[0].float()
+    # as generation conditions the answer: the prompt's forward (its <align> vector from the prompt alone), then the
+    # answer's tokens one at a time through the cache
     targets = full["input_ids"][0, len(context) :]
-    expected = torch.log_softmax(logits[len(context) - 1 : -1], -1).gather(-1, targets[:, None]).sum()
+    with torch.no_grad():
+        prompt_inputs = {k: v for k, v in full.items() if k not in ("input_ids", "attention_mask")}
+        out = lm.model(input_ids=context[None], attention_mask=torch.ones_like(context[None]), **prompt_inputs)
+        steps = [out.logits[0, -1]]
+        for token in targets[:-1]:
+            out = lm.model(input_ids=token.view(1, 1), cache=out.cache)
+            steps.append(out.logits[0, -1])
+    expected = torch.log_softmax(torch.stack(steps).float(), -1).gather(-1, targets[:, None]).sum()
     assert math.isclose(logprob, float(expected), rel_tol=1e-5, abs_tol=1e-5)
     assert logprob < 0 and isinstance(greedy, bool)
 

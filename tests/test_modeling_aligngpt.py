@@ -178,16 +178,76 @@ def test_batch_with_two_one_and_no_images_equals_rows_one_at_a_time(model, proce
             torch.testing.assert_close(out.alignment_weights[row], single_out.alignment_weights[0], atol=1e-6,
                                        rtol=1e-5)
 
+def sharpen_gate(model):
+    """A gate whose mix moves visibly with its text, and alignment vectors that move the logits (a random tiny gate
+    is nearly uniform whatever it reads), as a trained model's."""
+    with torch.no_grad():
+        model.model.alignment_gate.fc1.weight.mul_(300)
+        model.model.alignment_embeddings.weight.mul_(20)
+    return model
+
+
 def test_generate_cache_matches_no_cache_and_runs_vision_once(model, processor, images):
+    sharpen_gate(model)
     inputs = processor(images=images[:1], text=prompts(processor, ["What is shown?"]), return_tensors="pt")
     calls = []
     hook = model.model.vision_tower.register_forward_hook(lambda *args: calls.append(1))
-    cached = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    settings = dict(max_new_tokens=10, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    cached = model.generate(**inputs, **settings)
     assert len(calls) == 1, "the vision tower must run once (prefill only) with the KV cache"
     hook.remove()
-    uncached = model.generate(**inputs, max_new_tokens=8, do_sample=False, use_cache=False)
-    assert cached.tolist() == uncached.tolist()
-    assert cached.shape[1] == inputs["input_ids"].shape[1] + 8
+    # Without a cache every step reruns the whole sequence: the gate must still read the prompt alone, not the
+    # tokens generated so far (which do change its mix: checked first, so that the comparison can fail).
+    with torch.no_grad():
+        grown = dict(inputs, input_ids=cached.sequences, attention_mask=torch.ones_like(cached.sequences))
+        assert not torch.allclose(model(**grown).alignment_weights, model(**inputs).alignment_weights, atol=1e-3)
+    uncached = model.generate(**inputs, use_cache=False, **settings)
+    assert cached.sequences.tolist() == uncached.sequences.tolist()
+    for step_cached, step_uncached in zip(cached.logits, uncached.logits):
+        torch.testing.assert_close(step_uncached, step_cached, atol=1e-5, rtol=1e-5)
+    assert cached.sequences.shape[1] == inputs["input_ids"].shape[1] + 10
+
+
+@pytest.mark.parametrize("scope", ["prompt", "conversation"])
+def test_gate_prompt_length_scores_an_answer_as_generation_does(model, processor, images, scope):
+    """Teacher-forced scoring (prompt + answer in one forward, as lmms-eval's loglikelihood) conditions on the prompt's
+    <align> vector when told where the prompt ends: the prompt positions' logits are those of the prompt alone."""
+    sharpen_gate(model)
+    model.config.gate_text_scope = scope
+    prompt = processor(images=images[:1], text=prompts(processor, ["What is shown?"]), return_tensors="pt")
+    prompt_len = prompt["input_ids"].shape[1]
+    full_text = processor.apply_chat_template(chat("What is shown?", answer="Two blue squares and a triangle."))
+    full = processor(images=images[:1], text=[full_text], return_tensors="pt")
+    assert torch.equal(full["input_ids"][:, :prompt_len], prompt["input_ids"])
+    with torch.no_grad():
+        alone = model(**prompt).logits
+        reading_answer = model(**full).logits[:, :prompt_len]
+        scored = model(**full, gate_prompt_length=prompt_len).logits[:, :prompt_len]
+    assert not torch.allclose(reading_answer, alone, atol=1e-4)  # the answer moves the gate's mix
+    torch.testing.assert_close(scored, alone, atol=1e-5, rtol=1e-5)
+    with pytest.raises(TypeError, match="gate_prompt_length must be an int"):
+        model(**full, gate_prompt_length=torch.tensor(prompt_len))
+
+
+def test_labels_supervising_every_token_leave_the_gate_its_text(model, processor, images, caplog):
+    """LLaVA-style labels (`input_ids.clone()`, every text token supervised) leave no prompt for the gate's text
+    (labels == -100): those rows read all their text, as without labels, with a warning, instead of a constant mix."""
+    sharpen_gate(model)
+    texts = [processor.apply_chat_template(chat("What is shown?", answer="A red box.")),
+             processor.apply_chat_template(chat("How many squares are there?", answer="Two."))]
+    batch = processor(images=images[:2], text=texts, return_tensors="pt", padding=True)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    model.train()
+    with caplog.at_level("WARNING"):
+        out = model(**batch, labels=labels)
+    assert "its labels supervise every text token" in caplog.text
+    out.loss.backward()
+    assert model.model.alignment_gate.fc1.weight.grad.abs().max() > 0
+    model.eval()
+    with torch.no_grad():
+        without_labels = model(**batch).alignment_weights
+    torch.testing.assert_close(out.alignment_weights.detach(), without_labels)
+    assert not torch.allclose(without_labels[0], without_labels[1], atol=1e-3)
 
 
 def test_batched_left_padded_generation_equals_one_at_a_time(model, processor, images):
@@ -248,6 +308,50 @@ def test_labels_never_supervise_placeholders(model, processor, images):
         keep = (targets != model.config.image_token_id) & (targets != model.config.alignment_token_id)
         expected = F.cross_entropy(logits[keep], targets[keep])
     torch.testing.assert_close(out.loss, expected)
+    # the same from embeddings (PEFT prompt tuning, or a caller's own embeddings): placeholder targets are found by
+    # their label values
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(inputs["input_ids"])
+        from_embeds = model(inputs_embeds=embeds, pixel_values=inputs["pixel_values"], labels=labels,
+                            alignment_levels=torch.tensor([1]))
+    torch.testing.assert_close(from_embeds.loss, expected)
+
+
+def test_placeholder_labels_counted_by_the_trainer_are_refused(model, processor, images):
+    """Trainer divides the summed loss by its own count of targets (num_items_in_batch), made before the model drops
+    the placeholders: with labels on 2 x 16 <image> tokens the loss would shrink, silently. Refused with the fix."""
+    inputs = processor(images=images[:2], text=["<image>a red box\n", "<image>two squares\n"], return_tensors="pt",
+                       padding=True)
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    with pytest.raises(ValueError, match=r"mask_placeholders"):
+        model(**inputs, labels=labels, alignment_levels=torch.tensor([1, 2]), num_items_in_batch=int(labels.numel()))
+    from transformers_aligngpt.collators import mask_placeholders
+
+    masked = mask_placeholders(labels, inputs["input_ids"], processor)
+    shifted = masked[:, 1:]
+    count = int((shifted != -100).sum())
+    with torch.no_grad():
+        out = model(**inputs, labels=masked, alignment_levels=torch.tensor([1, 2]), num_items_in_batch=count)
+        expected = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), shifted.flatten(), ignore_index=-100)
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_offloaded_alignment_table_is_loaded_by_its_hook(model, processor, images, tmp_path):
+    """device_map offloading (accelerate hooks; "cpu" beside a GPU, or "disk") keeps an offloaded module's weight on
+    the meta device outside its own forward: the alignment table must be read through the module."""
+    model.save_pretrained(tmp_path / "model")
+    inputs = processor(images=images[:1], text=prompts(processor, ["What is shown?"]), return_tensors="pt")
+    device_map = {name: "cpu" for name in ("model.vision_tower", "model.multi_modal_projector",
+                                           "model.alignment_gate", "model.language_model", "lm_head")}
+    device_map["model.alignment_embeddings"] = "disk"
+    loaded = AlignGPTForConditionalGeneration.from_pretrained(
+        tmp_path / "model", device_map=device_map, offload_folder=str(tmp_path / "offload")
+    ).eval()
+    assert loaded.model.alignment_embeddings.weight.device.type == "meta"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, atol=0, rtol=0)
+        levels = dict(inputs, alignment_levels=torch.tensor([3]))
+        torch.testing.assert_close(loaded(**levels).logits, model(**levels).logits, atol=0, rtol=0)
 
 
 def test_prompt_gate_scope_ignores_answers(model, processor, images):
@@ -540,6 +644,14 @@ def test_unknown_alignment_mode_and_bad_fixed_level(config):
                        alignment_mode="sometimes")
     with pytest.raises(ValueError, match="fixed_alignment_level"):
         AlignGPTConfig(alignment_mode="fixed")
+    # a whole CLIPConfig (what CLIPConfig.from_pretrained gives) instead of its vision part
+    from transformers import CLIPConfig
+
+    with pytest.raises(ValueError, match=r"pass its vision part, e.g. CLIPConfig.from_pretrained\(...\).vision_config"):
+        AlignGPTConfig(vision_config=CLIPConfig(), text_config=config.text_config.to_dict())
+    # a zero-width gate would build, and mix the levels uniformly whatever the prompt
+    with pytest.raises(ValueError, match="alignment_gate_hidden_size must be a positive int"):
+        AlignGPTConfig(alignment_gate_hidden_size=0)
 
 
 def test_gate_width_follows_the_vision_config():

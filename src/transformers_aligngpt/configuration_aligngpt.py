@@ -65,7 +65,9 @@ class AlignGPTConfig(PreTrainedConfig):
             `conversation` averages every attended text token after bos, answers included when they are in
             `input_ids` (what the original code does in training); `prompt` leaves out supervised tokens
             (`labels != -100`, or what the batch's `gate_text_mask` leaves out), so training sees the same gate
-            input as inference.
+            input as inference for a single-turn prompt. (A multi-turn training row has one `<align>` for the whole
+            conversation: its gate reads every question, where inference at turn k reads the turns so far.) With
+            either scope, generation's gate reads the prompt alone, cache or no cache (`gate_prompt_length`).
         projector_type (`str`, defaults to `"mlp2x_gelu"`): `mlp2x_gelu` (Linear, GELU, Linear) or `linear`.
         projector_hidden_act (`str`, defaults to `"gelu"`): activation of `mlp2x_gelu` (exact GELU as the original).
         vision_feature_layer (`int` or `list[int]`, defaults to -2): hidden state(s) of the tower that feed the
@@ -132,12 +134,24 @@ class AlignGPTConfig(PreTrainedConfig):
         """Checks the AlignGPT fields, at init. The forward checks again, where it reads them, the fields that can be
         edited afterwards and still matter (`alignment_mode`, `fixed_alignment_level`, `gate_text_scope`; transformers
         checks `vision_feature_select_strategy`), with the same errors and nothing to pay on the valid path."""
+        vision_type = getattr(self.vision_config, "model_type", None)
+        if getattr(self.vision_config, "vision_config", None) is not None or vision_type in ("clip", "siglip", "siglip2"):
+            # (a whole CLIPConfig builds no tower: image_size and patch_size live in its vision part)
+            raise ValueError(
+                f"vision_config is a whole {type(self.vision_config).__name__} ({vision_type!r}, text and vision "
+                "towers): pass its vision part, e.g. CLIPConfig.from_pretrained(...).vision_config."
+            )
         if self.alignment_mode not in ALIGNMENT_MODES:
             raise unknown_choice("alignment_mode", self.alignment_mode, ALIGNMENT_MODES)
         if self.num_alignment_levels < 2:
             raise ValueError(
                 f"num_alignment_levels must be at least 2 (one global and at least one local level), got "
                 f"{self.num_alignment_levels}."
+            )
+        if not isinstance(self.alignment_gate_hidden_size, int) or self.alignment_gate_hidden_size < 1:
+            raise ValueError(
+                f"alignment_gate_hidden_size must be a positive int (the gate's hidden width, 256 in the paper), got "
+                f"{self.alignment_gate_hidden_size!r}."
             )
         if self.alignment_mode == "fixed":
             check_fixed_alignment_level(self.fixed_alignment_level, self.num_alignment_levels)

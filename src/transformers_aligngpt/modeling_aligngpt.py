@@ -93,6 +93,12 @@ def _padding_mask(attention_mask) -> torch.Tensor | None:
     return attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
 
 
+def _is_dispatched(module: nn.Module) -> bool:
+    """Whether accelerate's big-model hooks manage `module` (a `device_map` dispatch): an offloaded module's weights
+    are then only materialised inside its own forward, so it must be called, not read."""
+    return getattr(module, "_hf_hook", None) is not None
+
+
 def _features_like(image_features, inputs_embeds: torch.Tensor) -> torch.Tensor:
     """Projected image features, a tensor or a per-image list (`mm_encoder_outputs`), as one (num_images, P, hidden)
     tensor on the embeddings' device and in their dtype."""
@@ -452,13 +458,14 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         # transformers does)
         gate_masks = []
         if gate_runs:
-            attention_2d = _padding_mask(attention_mask)
-            gate_masks = [mask for mask in (attention_2d, gate_text_mask) if mask is not None]
+            gate_masks = [_padding_mask(attention_mask), gate_text_mask]
         # One plain copy each (ids + attention mask on an H100 / H200 host: 42-60 us as two copies, 53-91 us as a
         # device `stack` + one copy: a kernel's launch and wait cost more than a second transfer of a few KB), kept as
         # separate (batch, seq) arrays (stacking them on the host is one more NumPy call).
         ids = input_ids.cpu().numpy()
-        masks = [(mask != 0 if mask.is_floating_point() else mask).cpu().numpy() for mask in gate_masks]  # bool or 0/1
+        # (padding, gate_text_mask), each None or a (batch, seq) array, bool or 0/1
+        masks = [None if mask is None else (mask != 0 if mask.is_floating_point() else mask).cpu().numpy()
+                 for mask in gate_masks]
         levels = None if alignment_levels is None else alignment_levels.view(-1).tolist()
         config = self.config
         image_id, align_id = _config_field(config, "image_token_id"), _config_field(config, "alignment_token_id")
@@ -473,7 +480,9 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
             self._check_counts([image_positions.size], [align_positions.size], levels, num_images, num_patches)
             spans = self._one_row_spans(image_positions, align_positions, num_patches)
             if gate_runs:
-                runs = self._one_row_text_runs(spans, [mask[0] for mask in masks], ids.shape[1], num_patches)
+                runs = self._one_row_text_runs(
+                    spans, [mask[0] for mask in masks if mask is not None], ids.shape[1], num_patches
+                )
         # the masks' way: several rows, or one row whose merge scatters by mask (images not each one run) or whose
         # text a mask cuts (the gate's tokens as a 0/1 vector)
         if not one_row or spans is None or (gate_runs and runs is None):
@@ -484,7 +493,7 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
                     image_mask.sum(-1).tolist(), align_mask.sum(-1).tolist(), levels, num_images, num_patches
                 )
             if gate_runs and runs is None:
-                text = self._text_after_align(image_mask, align_mask, masks)
+                text = self._text_after_align(image_mask, align_mask, *masks)
         layout = PlaceholderLayout(None, None, spans=spans)
         if runs is not None:
             layout.gate_text_runs = runs
@@ -567,23 +576,71 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         return torch.where(layout.align_mask.unsqueeze(-1), vectors.unsqueeze(1), inputs_embeds)
 
     @staticmethod
-    def gate_text_tokens(image_mask, align_mask, attention_mask, gate_text_mask) -> torch.Tensor:
-        """(batch, seq), 1 where the gate reads a text token: attended tokens after `<align>` (so bos and left padding
-        are out) that are not image placeholders, restricted to `gate_text_mask` when given. Bool or integer, never
-        floating point: its row sums are exact counts (a bf16 sum of 0/1 values stops being exact above 256)."""
-        masks = (_padding_mask(attention_mask), gate_text_mask)
-        # 2D padding masks are 0/1 (transformers reads them as bool too)
-        masks = [mask != 0 if mask.is_floating_point() else mask for mask in masks if mask is not None]
-        return AlignGPTModel._text_after_align(image_mask, align_mask, masks)
+    def _prompt_padding_mask(attention_mask, gate_prompt_length, inputs_embeds):
+        """The 2D padding mask (batch, seq) with the positions from `gate_prompt_length` on masked out; the attention
+        mask itself when the prompt is the whole sequence (a prefill: nothing to cut, no device op)."""
+        if isinstance(gate_prompt_length, bool) or not isinstance(gate_prompt_length, (int, np.integer)):
+            raise TypeError(
+                f"gate_prompt_length must be an int (the prompt's length in tokens), got {gate_prompt_length!r}."
+            )
+        batch_size, seq_len = inputs_embeds.shape[:2]
+        if gate_prompt_length >= seq_len:
+            return attention_mask
+        if gate_prompt_length < 1:
+            raise ValueError(f"gate_prompt_length must be at least 1, got {gate_prompt_length}.")
+        in_prompt = (torch.arange(seq_len, device=inputs_embeds.device) < gate_prompt_length).expand(batch_size, -1)
+        padding = _padding_mask(attention_mask)
+        return in_prompt if padding is None else in_prompt & (padding != 0)
 
     @staticmethod
-    def _text_after_align(image_mask, align_mask, masks):
-        """[`gate_text_tokens`]'s rule on (batch, seq) torch tensors or NumPy arrays, `masks` being bool or 0/1."""
+    def gate_text_tokens(image_mask, align_mask, attention_mask, gate_text_mask) -> torch.Tensor:
+        """(batch, seq), 1 where the gate reads a text token: attended tokens after `<align>` (so bos and left padding
+        are out) that are not image placeholders, restricted to `gate_text_mask` when given (except in a row where it
+        leaves no text: see [`_text_after_align`]). Bool or integer, never floating point: its row sums are exact
+        counts (a bf16 sum of 0/1 values stops being exact above 256)."""
+        # 2D padding masks are 0/1 (transformers reads them as bool too)
+        masks = [
+            None if mask is None else (mask != 0 if mask.is_floating_point() else mask)
+            for mask in (_padding_mask(attention_mask), gate_text_mask)
+        ]
+        return AlignGPTModel._text_after_align(image_mask, align_mask, *masks)
+
+    @staticmethod
+    def _text_after_align(image_mask, align_mask, padding_mask, gate_text_mask):
+        """[`gate_text_tokens`]'s rule on (batch, seq) torch tensors or NumPy arrays, the masks None, bool or 0/1.
+
+        A row whose text `gate_text_mask` removes entirely keeps all its text instead: that mask came from labels
+        that supervise the whole row (LLaVA-style `labels = input_ids.clone()`), which leave no prompt, and a gate
+        reading nothing would give every such row the same constant mix (and its first layer no gradient). The row
+        then reads what it reads without labels; the host path warns."""
         after_align = align_mask.cumsum(-1) > align_mask  # 0 > 0 before <align>, 1 > 1 at it, 1 > 0 after it
         text = after_align > image_mask  # after <align> and not an image placeholder
-        for mask in masks:
-            text = text * mask
-        return text
+        if padding_mask is not None:
+            text = text * padding_mask
+        if gate_text_mask is None:
+            return text
+        prompt_text = text * gate_text_mask
+        emptied = (~prompt_text.any(-1) & text.any(-1))[:, None]  # (batch, 1): rows the mask left without text
+        on_host = isinstance(text, np.ndarray)
+        if on_host and not emptied.any():  # (the usual case: nothing to swap)
+            return prompt_text
+        if on_host:
+            logger.warning_once(
+                "gate_text_mask (labels == -100 when not given) leaves a row with an image no text for the gate: its "
+                "labels supervise every text token, so there is no prompt to tell the gate what the instruction is. "
+                "The gate reads the whole row's text there, as without labels. Set the prompt's labels to -100 "
+                "(supervise only the answers, as the package's collators do) or pass gate_text_mask."
+            )
+        return (np.where if on_host else torch.where)(emptied, text, prompt_text)
+
+    def _alignment_table(self, device) -> torch.Tensor:
+        """`E`, the (N, hidden) alignment table. Read as the weight itself, except when accelerate offloads the module
+        (`device_map` with "cpu" beside a GPU, or "disk"): its weight then stays on the meta device outside the
+        module's own forward, so the table comes from calling the module on every level."""
+        embeddings = self.alignment_embeddings
+        if _is_dispatched(embeddings):
+            return embeddings(torch.arange(embeddings.num_embeddings, device=device))
+        return embeddings.weight
 
     def compute_alignment_vectors(
         self,
@@ -608,13 +665,15 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
             gate_text_runs: one row: those tokens as `[start, end)` runs of positions instead of `gate_text` (see
                 [`PlaceholderLayout`]).
         """
-        table = self.alignment_embeddings.weight  # (N, hidden)
-        num_local = table.shape[0] - 1
+        embeddings = self.alignment_embeddings
+        num_local = embeddings.num_embeddings - 1
         if alignment_levels is not None:
             # pre-training: the pair's own level. Rows without an image may hold any value (checked only in image
-            # rows): clamped, they read some level whose vector is never used.
-            levels = alignment_levels.to(table.device).view(-1).clamp(0, num_local)
-            return self.alignment_embeddings(levels), None
+            # rows): clamped, they read some level whose vector is never used. (An offloaded module's hook moves
+            # the ids to where it computes.)
+            device = inputs_embeds.device if _is_dispatched(embeddings) else embeddings.weight.device
+            return embeddings(alignment_levels.to(device).view(-1).clamp(0, num_local)), None
+        table = self._alignment_table(inputs_embeds.device)  # (N, hidden)
 
         batch_size = inputs_embeds.shape[0]
         # (the config may have been edited since the model was built: a mode, or a level, is checked where it is read)
@@ -696,6 +755,7 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         inputs_embeds: torch.FloatTensor | None = None,
         alignment_levels: torch.LongTensor | None = None,
         gate_text_mask: torch.BoolTensor | None = None,
+        gate_prompt_length: int | None = None,
         vision_feature_layer: int | list[int] | None = None,
         vision_feature_select_strategy: str | None = None,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
@@ -710,7 +770,14 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
             in training (answers left out, as at inference). `AlignGPTForConditionalGeneration` takes it from
             `labels == -100` when not given; the processor returns it with `return_assistant_tokens_mask=True`, for
             trainers that compute the loss outside the model (TRL's fused LM head calls this model without labels).
-            Ignored with `"conversation"`, where the gate reads every text token.
+            Ignored with `"conversation"`, where the gate reads every text token. A row that it leaves without text
+            (labels supervising every token) keeps all its text, with a warning.
+        gate_prompt_length (`int`, *optional*):
+            The gate reads only positions before this one: the prompt, with either `gate_text_scope`. `generate()`
+            sets it to the prompt's length, so that decoding without a cache (`use_cache=False`, every step reruns
+            the whole sequence) mixes the prompt's alignment vector at every step, as cached decoding does. Pass it
+            when scoring continuations teacher-forced (prompt and answer in one forward) to condition them on the
+            prompt alone, as generation is.
         mm_encoder_outputs (`dict`, *optional*):
             `{"image": get_image_features(...)}` computed beforehand; `generate()` does this once before prefill.
         """
@@ -753,9 +820,13 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
                     "(`aligngpt sft`, `make_sft_trainer`) adds the mask, and so does the processor when TRL's collator "
                     "asks for assistant masks (assistant_only_loss=True)."
                 )
+            # the attention mask the gate reads: padding, and what follows the prompt when told where it ends
+            gate_attention_mask = attention_mask
+            if gate_runs and gate_prompt_length is not None:
+                gate_attention_mask = self._prompt_padding_mask(attention_mask, gate_prompt_length, inputs_embeds)
             layout = self.locate_placeholders(
-                input_ids, inputs_embeds, attention_mask, gate_text_mask, alignment_levels, num_images, num_patches,
-                gate_runs,
+                input_ids, inputs_embeds, gate_attention_mask, gate_text_mask, alignment_levels, num_images,
+                num_patches, gate_runs,
             )
             if image_outputs is None:
                 image_outputs = self.get_image_features(
@@ -773,8 +844,8 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
                     "config's number of features; change the config (and the processor's num_image_tokens) instead."
                 )
             alignment_vectors, alignment_weights = self.compute_alignment_vectors(
-                image_features, inputs_embeds, layout.image_mask, layout.align_mask, attention_mask, alignment_levels,
-                gate_text_mask, layout.gate_text, layout.gate_text_counts, layout.gate_text_runs,
+                image_features, inputs_embeds, layout.image_mask, layout.align_mask, gate_attention_mask,
+                alignment_levels, gate_text_mask, layout.gate_text, layout.gate_text_counts, layout.gate_text_runs,
             )
             inputs_embeds = self.merge_placeholders(inputs_embeds, image_features, alignment_vectors, layout)
         elif input_ids is not None and input_ids.shape[1] > 1 and (cache is None or cache.get_seq_length() == 0):
@@ -885,7 +956,16 @@ class AlignGPTForConditionalGeneration(AlignGPTPreTrainedModel, GenerationMixin)
     def generate(self, *args, **kwargs):
         """[`~GenerationMixin.generate`], after refusing, with a message, the two ways of generating that cannot fill
         a multimodal prompt's `<align>` slot: its vector is computed from the whole prompt's text and every image
-        feature before the first token runs."""
+        feature before the first token runs.
+
+        It also tells the model where the prompt ends (`gate_prompt_length`), so that the gate reads the prompt alone
+        at every step: without a cache (`use_cache=False`) each step reruns the whole sequence, generated tokens
+        included."""
+        prompt = kwargs.get("input_ids", args[0] if args else kwargs.get("inputs"))
+        if not isinstance(prompt, torch.Tensor):
+            prompt = kwargs.get("inputs_embeds")
+        if isinstance(prompt, torch.Tensor) and prompt.dim() >= 2:
+            kwargs.setdefault("gate_prompt_length", prompt.shape[1])
         config = kwargs.get("generation_config") or self.generation_config
         chunk_size = kwargs.get("prefill_chunk_size", getattr(config, "prefill_chunk_size", None))
         is_assistant = bool(getattr(config, "is_assistant", False))
@@ -920,6 +1000,7 @@ class AlignGPTForConditionalGeneration(AlignGPTPreTrainedModel, GenerationMixin)
         inputs_embeds: torch.FloatTensor | None = None,
         alignment_levels: torch.LongTensor | None = None,
         gate_text_mask: torch.BoolTensor | None = None,
+        gate_prompt_length: int | None = None,
         vision_feature_layer: int | list[int] | None = None,
         vision_feature_select_strategy: str | None = None,
         labels: torch.LongTensor | None = None,
@@ -930,14 +1011,22 @@ class AlignGPTForConditionalGeneration(AlignGPTPreTrainedModel, GenerationMixin)
         r"""
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Next-token targets (-100 = ignored). `<image>` and `<align>` positions are never supervised.
-        alignment_levels, gate_text_mask, mm_encoder_outputs: see [`AlignGPTModel.forward`].
+        alignment_levels, gate_text_mask, gate_prompt_length, mm_encoder_outputs: see [`AlignGPTModel.forward`].
         """
         if labels is not None:
-            if input_ids is not None:
-                placeholders = (input_ids == self.config.image_token_id) | (
-                    input_ids == self.config.alignment_token_id
+            # Placeholder targets (labels copied from input_ids, with input_ids or inputs_embeds) are never learnt.
+            placeholders = (labels == self.config.image_token_id) | (labels == self.config.alignment_token_id)
+            if kwargs.get("num_items_in_batch") is not None and bool(placeholders.any()):
+                # Trainer has already divided by its count of targets, placeholders included (576 per image): a loss
+                # that small would train silently at a fraction of the learning rate
+                raise ValueError(
+                    "The labels supervise <image>/<align> placeholder positions, and the Trainer counted them in "
+                    "num_items_in_batch (the loss's denominator) before the model could drop them, which would shrink "
+                    "the loss and its gradients. Set them to -100 in the data collator: "
+                    "`labels = transformers_aligngpt.collators.mask_placeholders(labels, input_ids, processor)` (the "
+                    "package's collators do it)."
                 )
-                labels = labels.masked_fill(placeholders, -100)
+            labels = labels.masked_fill(placeholders, -100)
             if gate_text_mask is None and self.config.gate_text_scope == "prompt":
                 gate_text_mask = labels == -100
         outputs = self.model(
@@ -949,6 +1038,7 @@ class AlignGPTForConditionalGeneration(AlignGPTPreTrainedModel, GenerationMixin)
             inputs_embeds=inputs_embeds,
             alignment_levels=alignment_levels,
             gate_text_mask=gate_text_mask,
+            gate_prompt_length=gate_prompt_length,
             vision_feature_layer=vision_feature_layer,
             vision_feature_select_strategy=vision_feature_select_strategy,
             mm_encoder_outputs=mm_encoder_outputs,

@@ -340,7 +340,9 @@ class AlignGPTLmmsEval(lmms):
             start = 0  # tokens shared by the prompt alone and prompt + continuation
             while start < min(len(prompt_ids), len(full_ids)) and prompt_ids[start] == full_ids[start]:
                 start += 1
-            logits = self._model(**inputs).logits[0, start - 1 : -1].float()
+            # the gate reads the shared prompt only, as in generation: every candidate is scored under the same
+            # <align> vector, not one mixed from its own text
+            logits = self._model(**inputs, gate_prompt_length=start).logits[0, start - 1 : -1].float()
             targets = full_ids[start:]
             logprobs = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
             greedy = bool((logits.argmax(-1) == targets).all())
