@@ -137,6 +137,15 @@ def test_conversation_conversion_is_inverse():
         assert messages_to_llava_conversations(llava_conversations_to_messages(conversations)) == conversations
     with pytest.raises(ValueError, match="unknown speaker"):
         llava_conversations_to_messages([{"from": "robot", "value": "x"}])
+    # an opening gpt turn answers no question: dropped, as LLaVA's preprocess drops it (after a system turn too)
+    opening = [{"from": "gpt", "value": "Hello! How can I help?"}, {"from": "human", "value": "<image>\nSay hi"},
+               {"from": "gpt", "value": "hi"}]
+    for prefix in ([], [{"from": "system", "value": "Be brief."}]):
+        messages = llava_conversations_to_messages(prefix + opening)
+        assert [m["role"] for m in messages] == ["system"] * len(prefix) + ["user", "assistant"]
+        assert messages[-1]["content"] == [{"type": "text", "text": "hi"}]
+    with pytest.raises(ValueError, match="opens with a gpt turn that holds <image>"):
+        llava_conversations_to_messages([{"from": "gpt", "value": "<image>\nLook"}, {"from": "human", "value": "ok"}])
     # plain string contents (another common chat format) are written as they are
     assert messages_to_llava_conversations([{"role": "user", "content": "hi"}]) == [{"from": "human", "value": "hi"}]
 

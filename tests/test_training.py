@@ -458,6 +458,23 @@ def test_instruction_collator_labels_bos_and_gate_mask(processor, instruction_da
         AlignGPTInstructionCollator(processor, gate_text_scope="prompt")
 
 
+def test_prompt_completion_rows_equal_the_same_conversation_as_messages(processor, instruction_dataset):
+    """Conversational prompt/completion data (TRL tokenises the completions in a second processor call) gives the
+    tokens, labels and gate mask of the same chat written as `messages`: one bos per row, none before the answer."""
+    rows = [dict(instruction_dataset[i]) for i in range(4)]  # rows 0, 1, 3 with an image, row 2 text-only
+    split = [{"images": r["images"], "prompt": r["messages"][:1], "completion": r["messages"][1:]} for r in rows]
+    as_messages = AlignGPTInstructionCollator(processor, assistant_only_loss=True, gate_text_scope="prompt")(rows)
+    as_completions = AlignGPTInstructionCollator(processor, completion_only_loss=True, gate_text_scope="prompt")(split)
+    tok = processor.tokenizer
+    for key in ("input_ids", "labels", "gate_text_mask"):
+        for row in range(4):
+            expected = as_messages[key][row][as_messages["attention_mask"][row].bool()]
+            found = as_completions[key][row][as_completions["attention_mask"][row].bool()]
+            assert found.tolist() == expected.tolist(), (key, row, tok.decode(as_completions["input_ids"][row]))
+    assert (as_completions["input_ids"] == tok.bos_token_id).sum(-1).tolist() == [1, 1, 1, 1]
+    torch.testing.assert_close(as_completions["pixel_values"], as_messages["pixel_values"])
+
+
 def test_prompt_gate_scope_sees_at_training_what_it_sees_at_inference(model, processor, instruction_dataset):
     row = dict(instruction_dataset[0])
     image = row["images"][0]
@@ -510,6 +527,30 @@ def test_phase2_lora_trains_gate_projector_and_adapter_only(config, processor, i
     embeddings = next(n for n in state if n.endswith("alignment_embeddings.weight"))
     assert torch.equal(state[embeddings], before["model.alignment_embeddings.weight"])
     assert model.config.gate_text_scope == "conversation"
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_bf16_mixed_precision_keeps_gate_and_projector_updates(config, processor, instruction_dataset, tmp_path,
+                                                                 lora, caplog):
+    """A bf16-loaded model with bf16 mixed precision and no DeepSpeed: the gate and projector (or their LoRA
+    `modules_to_save` copies) train in fp32, so that fine-tuning-sized AdamW steps are not rounded away; a fully trained
+    bf16 LLM gets a warning (no fp32 master weights)."""
+    model = new_model(config).to(torch.bfloat16)
+    before = snapshot(model)
+    with caplog.at_level("WARNING", logger="transformers_aligngpt.training"):
+        trainer = make_sft_trainer(
+            model, processor, train_dataset=instruction_dataset,
+            args=sft_args(tmp_path, max_steps=2, bf16=True, learning_rate=2e-5),
+            peft_config=aligngpt_lora_config(r=4, alpha=8, dropout=0.0) if lora else None,
+        )
+    assert ("without DeepSpeed" in caplog.text) != lora
+    small = {n: p for n, p in trainer.model.named_parameters()
+             if p.requires_grad and ("alignment_gate" in n or "multi_modal_projector" in n)}
+    assert small and {p.dtype for p in small.values()} == {torch.float32}
+    trainer.train()
+    gate = next(p for n, p in small.items() if "alignment_gate" in n and n.endswith("fc1.weight"))
+    # every entry of the gate's first layer moves (in bf16, 2e-5 steps left 99% of them unchanged)
+    assert (gate.detach().cpu() != before["model.alignment_gate.fc1.weight"].float()).float().mean() > 0.95
 
 
 @pytest.mark.parametrize("family", ["llama", "phi", "phi3"])
@@ -675,6 +716,10 @@ def test_qlora_on_cpu_saves_reloads_and_merges_with_equal_outputs(
     torch.testing.assert_close(logits(reloaded), trained, rtol=0, atol=0)
     merged = merge_qlora_adapter(tiny_checkpoint, adapter)
     assert not any(type(m).__name__ == "Linear4bit" for m in merged.modules())
+    # RoPE's frequencies stay fp32, as in training and in the merged checkpoint once saved and reloaded: in bf16 the
+    # angles drift with the position (~0.15 in cos at 1000 tokens)
+    assert {buffer.dtype for name, buffer in merged.named_buffers() if name.endswith("inv_freq")} == {torch.float32}
+    assert {p.dtype for p in merged.parameters()} == {torch.bfloat16}
     merged_logits = logits(merged)
     # bf16 weights: the merge rounds W + BA once, the adapter adds BA x at run time (differences ~ bf16 epsilon)
     torch.testing.assert_close(merged_logits, trained, rtol=0.01, atol=0.01)

@@ -195,6 +195,28 @@ class AlignGPTInstructionCollator(DataCollatorForVisionLanguageModeling):
                 "(prompt/completion data), or gate_text_scope='conversation'."
             )
 
+    def _collate_prompt_completion(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        """TRL's prompt/completion batch without the bos that the processor (which starts every text it tokenises
+        with bos, whatever `add_special_tokens` says) put before each completion: the model would learn to answer
+        `<s>` first. Rows come flushed left from TRL, so every bos after a row's first position is one of those."""
+        batch = super()._collate_prompt_completion(examples)
+        tokenizer = self.processor.tokenizer
+        if self.processor.bos_text is None:
+            return batch
+        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        extra_bos = (input_ids == tokenizer.bos_token_id) & (positions > 0) & attention_mask.bool()
+        if not extra_bos.any():
+            return batch
+        # each row's other tokens move left over its dropped bos (a stable sort puts the kept positions first, in
+        # order); the freed slots at the end become padding
+        order = torch.sort(extra_bos.to(torch.uint8), dim=1, stable=True).indices
+        width = int((attention_mask.bool() & ~extra_bos).sum(-1).max())
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        for key, fill in (("input_ids", pad_id), ("attention_mask", 0), ("labels", IGNORE_INDEX)):
+            batch[key] = batch[key].masked_fill(extra_bos, fill).gather(1, order)[:, :width]
+        return batch
+
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         batch = super().torch_call(examples)
         batch["labels"] = mask_placeholders(batch["labels"], batch["input_ids"], self.processor)

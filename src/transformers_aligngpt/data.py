@@ -125,13 +125,24 @@ def _content_to_value(content: str | list[dict[str, Any]] | None) -> str:
 
 
 def llava_conversations_to_messages(conversations: list[dict[str, str]]) -> list[dict[str, Any]]:
-    """`[{"from": "human"|"gpt"|"system", "value": ...}]` -> `[{"role": ..., "content": [blocks]}]`."""
+    """`[{"from": "human"|"gpt"|"system", "value": ...}]` -> `[{"role": ..., "content": [blocks]}]`.
+
+    A `gpt` turn that opens the conversation (after any system turn) is dropped, as LLaVA's and AlignGPT's
+    `preprocess` drop it: an answer to no question would be trained on (ShareGPT-derived mixes hold such records)."""
     messages = []
     for turn in conversations:
         speaker = turn.get("from")
         if speaker not in _ROLE_FROM_LLAVA:
             raise ValueError(f"unknown speaker {speaker!r} in a LLaVA conversation (expected human, gpt or system)")
-        messages.append({"role": _ROLE_FROM_LLAVA[speaker], "content": _value_to_content(turn.get("value") or "")})
+        message = {"role": _ROLE_FROM_LLAVA[speaker], "content": _value_to_content(turn.get("value") or "")}
+        if message["role"] == "assistant" and all(m["role"] == "system" for m in messages):
+            if any(block.get("type") == "image" for block in message["content"]):
+                raise ValueError(
+                    "a LLaVA conversation opens with a gpt turn that holds <image>: LLaVA drops an opening gpt turn, "
+                    "which would drop the image too. Move <image> into the first human turn."
+                )
+            continue
+        messages.append(message)
     return messages
 
 
@@ -234,7 +245,7 @@ def load_llava_json(
         messages = llava_conversations_to_messages(conversations)
         caption = None
         if [m["role"] for m in messages] == ["user", "assistant"]:
-            caption = conversations[1].get("value")
+            caption = conversations[-1].get("value")  # (after an opening gpt turn, dropped from the messages)
         clip_score = record.get("clip_score")
 
         columns["id"].append(None if record_id is None else str(record_id))

@@ -226,7 +226,12 @@ def merge_qlora_adapter(
     if dequantize:
         base = load_for_qlora(model_name_or_path, compute_dtype, quantization_config)
         base = base.dequantize(dtype=compute_dtype)
-        base.to(compute_dtype)
+        # the weights kept in fp32 by the 4-bit load (projector, alignment table, gate) follow, as a saved model in
+        # compute_dtype has them; buffers do not: `Module.to` would also round RoPE's fp32 `inv_freq`, whose angles
+        # then drift with the position (a reloaded checkpoint rebuilds it in fp32)
+        for parameter in base.parameters():
+            if parameter.is_floating_point():
+                parameter.data = parameter.data.to(compute_dtype)
     else:
         base = AutoModelForImageTextToText.from_pretrained(model_name_or_path, dtype=compute_dtype)
     return PeftModel.from_pretrained(base, adapter_path).merge_and_unload()
@@ -875,7 +880,7 @@ def make_sft_trainer(
             assistant_only_loss=args.assistant_only_loss,
             gate_text_scope=scope,
         )
-    return SFTTrainer(
+    trainer = SFTTrainer(
         model=model,
         args=args,
         data_collator=data_collator,
@@ -885,6 +890,36 @@ def make_sft_trainer(
         peft_config=peft_config,
         **trainer_kwargs,
     )
+    _keep_fully_trained_modules_in_fp32(trainer.model, args)
+    return trainer
+
+
+def _keep_fully_trained_modules_in_fp32(model: torch.nn.Module, args) -> None:
+    """Mixed precision without DeepSpeed trains the weights in their own dtype: in bf16, an AdamW step at a
+    fine-tuning learning rate is below half a bf16 ulp for most entries, and rounds away (5 steps at 2e-5 leave 99% of
+    the gate unchanged). As phase 1 does, the gate and projector (PEFT's `modules_to_save` copies under LoRA) train in
+    fp32 under autocast: a few MB. A quantised (QLoRA) model keeps them in its compute dtype, as documented. A fully
+    trained bf16 LLM is not upcast (that doubles its memory): a warning says how to get fp32 master weights."""
+    if not (args.bf16 or args.fp16) or getattr(args, "deepspeed_plugin", None) is not None:
+        return
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        return
+    low_precision_llm = False
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad or not parameter.is_floating_point() or parameter.dtype == torch.float32:
+            continue
+        if "multi_modal_projector" in name or "alignment_gate" in name:
+            parameter.data = parameter.data.float()
+        elif "lora_" not in name:
+            low_precision_llm = True
+    if low_precision_llm:
+        logger.warning(
+            "The language model is trained fully with %s weights and mixed precision but without DeepSpeed: its "
+            "optimizer updates are applied to those weights, and at fine-tuning learning rates many round away. "
+            "For fp32 master weights, train with DeepSpeed (--deepspeed, as the paper) or load the model in fp32 "
+            "(mixed precision still autocasts the compute); or train a LoRA adapter.",
+            next(p.dtype for p in model.parameters() if p.requires_grad and p.dtype != torch.float32),
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------------
