@@ -350,6 +350,34 @@ def test_pretrain_refuses_levels_outside_the_model_before_training(tmp_path, cap
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
+def test_pretrain_records_the_pairs_per_level_of_its_data_for_the_card(tmp_path, capsys):
+    """`aligngpt levels` -> `aligngpt pretrain --data` -> `aligngpt push`: the card's "Alignment levels" table shows
+    the pairs per level of the data and their CLIP score range (`--include-clip-score`)."""
+    import json
+
+    from PIL import Image
+
+    records = []
+    for i, (level, score) in enumerate([(0, 0.11), (0, 0.13), (1, 0.20), (2, 0.31), (2, 0.35), (2, 0.33)]):
+        Image.new("RGB", (12, 10), (40 * i, 200, 90)).save(tmp_path / f"{i}.png")
+        records.append({"id": str(i), "image": f"{i}.png", "similarity": level, "clip_score": score,
+                        "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": f"pair {i}"}]})
+    data = tmp_path / "levels.json"
+    data.write_text(json.dumps(records))
+    main(["pretrain", "--data", str(data), "--image-folder", str(tmp_path), "--num-levels", "3", "--max-steps", "1",
+          "--output", str(tmp_path / "out")])
+    info = json.loads((tmp_path / "out" / "aligngpt_card_info.json").read_text())
+    assert info["alignment_levels"] == [
+        {"level": 0, "pairs": 2, "CLIP score min": pytest.approx(0.11), "CLIP score max": pytest.approx(0.13)},
+        {"level": 1, "pairs": 1, "CLIP score min": pytest.approx(0.20), "CLIP score max": pytest.approx(0.20)},
+        {"level": 2, "pairs": 3, "CLIP score min": pytest.approx(0.31), "CLIP score max": pytest.approx(0.35)},
+    ]
+    assert main(["push", "--model", str(tmp_path / "out"), "--repo-id", "you/x", "--dry-run",
+                 "--staging-dir", str(tmp_path / "stage")]) in (0, None)
+    card = (tmp_path / "stage" / "README.md").read_text()
+    assert "No level statistics were recorded" not in card and "| 2 | 3 | 0.31" in card
+
+
 def run_module(*args, cwd):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                OMP_NUM_THREADS="1", WANDB_DISABLED="true", HF_MODULES_CACHE=str(cwd / "hf_modules"))
@@ -407,6 +435,10 @@ def test_pretrain_then_sft_end_to_end_with_python_m(tmp_path, images):
     result = run_module("sft", "--max-steps", "2", "--output", "phase2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "phase-2 model saved to phase2" in result.stdout
+    # the folder's card is AlignGPT's (TRL's own save writes a text-generation card with base model "None")
+    local_card = (tmp_path / "phase2" / "README.md").read_text()
+    assert "pipeline_tag: image-text-to-text" in local_card and "phase 2 (instruction tuning)" in local_card
+    assert "[None]" not in local_card
     model, processor = load_checkpoint(tmp_path / "phase2")
     start, tuned = tiny_start().state_dict(), model.state_dict()
     assert changed(start, tuned, "model.alignment_gate.") and changed(start, tuned, "model.language_model.")

@@ -59,6 +59,7 @@ __all__ = [
     "add_alignment_levels",
     "add_levels_subparser",
     "assign_levels",
+    "level_statistics",
     "main",
     "run_levels",
     "score_pairs",
@@ -135,6 +136,35 @@ def add_alignment_levels(
     if level_column in dataset.column_names:
         dataset = dataset.remove_columns(level_column)
     return dataset.add_column(level_column, levels, feature=Value("int32"))
+
+
+def level_statistics(
+    dataset: Dataset,
+    num_levels: int,
+    *,
+    level_column: str = "alignment_level",
+    score_column: str = "clip_score",
+) -> list[dict[str, Any]]:
+    """One row per level, `{"level", "pairs"}`, plus `"CLIP score min"` / `"CLIP score max"` where the pairs have
+    scores (`aligngpt levels --include-clip-score`): what the model card's "Alignment levels" table shows. Empty
+    when `dataset` has no `level_column`."""
+    if level_column not in dataset.column_names:
+        return []
+    levels = dataset.with_format("arrow")[level_column].to_numpy(zero_copy_only=False)
+    scores = None
+    if score_column in dataset.column_names:
+        scores = dataset.with_format("arrow")[score_column].to_numpy(zero_copy_only=False).astype(np.float64)
+    rows = []
+    for level in range(num_levels):
+        in_level = levels == level
+        row: dict[str, Any] = {"level": level, "pairs": int(in_level.sum())}
+        if scores is not None:
+            level_scores = scores[in_level]
+            level_scores = level_scores[~np.isnan(level_scores)]  # (rows written without a score read as NaN)
+            if level_scores.size:
+                row["CLIP score min"], row["CLIP score max"] = float(level_scores.min()), float(level_scores.max())
+        rows.append(row)
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -134,8 +134,8 @@ def training_section(training: Mapping[str, Mapping[str, Any]] | None) -> str:
 
 def levels_section(levels: list[Mapping[str, Any]] | None, num_levels: int) -> str:
     if not levels:
-        return (f"{num_levels} levels. No level statistics were recorded (they come from the CLIP scoring of the "
-                "pre-training data: `aligngpt levels`).")
+        return (f"{num_levels} levels. No level statistics were recorded (`aligngpt pretrain --data` records the pairs "
+                "per level of its data, scored and bucketed by `aligngpt levels`).")
     return (f"Pre-training pairs were ranked by CLIP score and cut into {num_levels} equal-count levels "
             f"(level {num_levels - 1} = best aligned):\n\n" + markdown_table(levels))
 

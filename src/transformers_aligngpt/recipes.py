@@ -274,14 +274,18 @@ def build_pretrain_dataset(args: argparse.Namespace):
     return dataset.rename_column("caption_quality", "alignment_level")
 
 
-def write_card_info(trainer, folders, phase: str, settings: dict, base: str | None) -> None:
+def write_card_info(trainer, folders, phase: str, settings: dict, base: str | None,
+                    alignment_levels: list | None = None) -> None:
     """Records the run's training setup in `aligngpt_card_info.json` of each output folder, after the base
-    checkpoint's own entries (phase 1's, for a phase-2 run), so that `aligngpt push` can put both in the card."""
+    checkpoint's own entries (phase 1's, for a phase-2 run), so that `aligngpt push` can put both in the card;
+    and, for phase 1, the pairs per alignment level of its data ([`level_statistics`])."""
     from .hub import load_card_info, save_card_info
 
     info = {}
     if base and os.path.isdir(base):
         info = load_card_info(base)
+    if alignment_levels:
+        info["alignment_levels"] = alignment_levels
     args = trainer.args
     info["training"] = {
         **info.get("training", {}),
@@ -297,6 +301,17 @@ def write_card_info(trainer, folders, phase: str, settings: dict, base: str | No
     for folder in folders:
         if os.path.isdir(folder):
             save_card_info(folder, info)
+            _write_model_card(folder, trainer.model.config, info)
+
+
+def _write_model_card(folder: str, config, info: dict) -> None:
+    """The package's model card as the folder's README.md, in place of what the trainer may have written there (TRL
+    writes a generic text-generation card: "fine-tuned version of None", a text pipeline), so that a folder uploaded
+    by other means than `aligngpt push` (which renders the card anew) still describes an AlignGPT model."""
+    from .hub import build_model_card
+
+    name = os.path.basename(os.path.abspath(folder))
+    build_model_card(config, repo_id=name, **info).save(os.path.join(folder, "README.md"))
 
 
 def print_run_summary(trainer) -> None:
@@ -339,9 +354,17 @@ def run_pretrain(args: argparse.Namespace):
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_model(args.output)
     if trainer.is_world_process_zero():
+        from datasets import Dataset
+
+        from .alignment_levels import level_statistics
+
+        # (the built-in demo pairs' levels are their caption quality, not CLIP buckets: no table for them)
+        levels = None
+        if args.data and isinstance(dataset, Dataset):
+            levels = level_statistics(dataset, model.config.num_alignment_levels)
         write_card_info(trainer, [args.output], "phase 1 (pre-training)",
                         {"trained": "projector, alignment embeddings", "data": args.data or "built-in demo pairs"},
-                        args.model)
+                        args.model, alignment_levels=levels)
         print(f"phase-1 checkpoint and mm_projector_align.safetensors saved to {args.output}")
         print_run_summary(trainer)
     return trainer

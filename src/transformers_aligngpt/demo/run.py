@@ -354,7 +354,7 @@ def assign_demo_levels(data, clip: str, num_levels: int, output: Path, device, s
     """CLIP scores -> `alignment_level` on the pre-training pairs (or the file's own levels); returns a report."""
     import numpy as np
 
-    from ..alignment_levels import add_alignment_levels, score_pairs
+    from ..alignment_levels import add_alignment_levels, level_statistics, score_pairs
 
     pretrain = data["pretrain"]
     scored = score_pairs(pretrain, clip, image_column="images", text_column="caption", id_column="id",
@@ -368,15 +368,12 @@ def assign_demo_levels(data, clip: str, num_levels: int, output: Path, device, s
     levels = np.asarray(leveled["alignment_level"])
     quality = (np.asarray(leveled["caption_quality"], dtype=np.float64)
                if "caption_quality" in leveled.column_names else None)
-    rows = []
-    for level in range(num_levels):
-        mask = levels == level
-        row = {"level": level, "pairs": int(mask.sum()), "CLIP score min": float(scores[mask].min()),
-               "CLIP score max": float(scores[mask].max())}
-        if quality is not None:
+    rows = level_statistics(leveled, num_levels)
+    if quality is not None:
+        for row in rows:
+            mask = levels == row["level"]
             row["mean caption quality"] = round(float(quality[mask].mean()), 2)
             row["exact captions"] = f"{100 * float((quality[mask] == scenes.NUM_QUALITIES - 1).mean()):.0f}%"
-        rows.append(row)
     report: dict[str, Any] = {"rows": rows, "clip": clip}
     print()
     print(_text_table(rows))
