@@ -96,7 +96,9 @@ def _padding_mask(attention_mask) -> torch.Tensor | None:
 def _is_dispatched(module: nn.Module) -> bool:
     """Whether accelerate's big-model hooks manage `module` (a `device_map` dispatch): an offloaded module's weights
     are then only materialised inside its own forward, so it must be called, not read."""
-    return getattr(module, "_hf_hook", None) is not None
+    # (an instance attribute that accelerate sets: a dict lookup, where getattr would go through Module.__getattr__ and
+    # its AttributeError on every forward)
+    return module.__dict__.get("_hf_hook") is not None
 
 
 def _features_like(image_features, inputs_embeds: torch.Tensor) -> torch.Tensor:
