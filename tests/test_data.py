@@ -146,6 +146,16 @@ def test_conversation_conversion_is_inverse():
         assert messages[-1]["content"] == [{"type": "text", "text": "hi"}]
     with pytest.raises(ValueError, match="opens with a gpt turn that holds <image>"):
         llava_conversations_to_messages([{"from": "gpt", "value": "<image>\nLook"}, {"from": "human", "value": "ok"}])
+    # a record left with nothing to train on is named when the file is read, not mid-run by the chat template
+    for lone in ([{"from": "gpt", "value": "Hello!"}], []):
+        with pytest.raises(ValueError, match="holds no human turn"):
+            llava_conversations_to_messages(lone)
+
+
+def test_reader_names_a_record_without_a_question(tmp_path):
+    records = INSTRUCT + [{"id": "greeting", "conversations": [{"from": "gpt", "value": "Hello!"}]}]
+    with pytest.raises(ValueError, match=rf"record {len(INSTRUCT)} \('greeting'\): a LLaVA conversation holds no human"):
+        load_llava_json(write(tmp_path / "bad.json", records))
     # plain string contents (another common chat format) are written as they are
     assert messages_to_llava_conversations([{"role": "user", "content": "hi"}]) == [{"from": "human", "value": "hi"}]
 

@@ -492,6 +492,13 @@ def test_generation_modes_that_split_the_prompt_are_refused_and_prompt_lookup_wo
     assert whole.tolist() == greedy.tolist()
     with pytest.raises(ValueError, match="cannot be the assistant_model"):
         model.generate(**inputs, max_new_tokens=4, do_sample=False, assistant_model=model)
+    # a text-only draft model works (it gets the model kwargs too, and must not be handed AlignGPT-only ones)
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(1)
+    draft = LlamaForCausalLM(copy.deepcopy(model.config.text_config)).eval()
+    drafted = model.generate(**inputs, max_new_tokens=4, do_sample=False, assistant_model=draft)
+    assert drafted.tolist() == greedy.tolist()
 
     # Prompt lookup proposes the tokens that followed the last generated ones in the prompt: after "USER:", the
     # <image> placeholders. The model verifies them as ordinary tokens (the prompt's images are in the cache), so

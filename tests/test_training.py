@@ -461,10 +461,14 @@ def test_instruction_collator_labels_bos_and_gate_mask(processor, instruction_da
 def test_prompt_completion_rows_equal_the_same_conversation_as_messages(processor, instruction_dataset):
     """Conversational prompt/completion data (TRL tokenises the completions in a second processor call) gives the
     tokens, labels and gate mask of the same chat written as `messages`: one bos per row, none before the answer."""
-    rows = [dict(instruction_dataset[i]) for i in range(4)]  # rows 0, 1, 3 with an image, row 2 text-only
-    split = [{"images": r["images"], "prompt": r["messages"][:1], "completion": r["messages"][1:]} for r in rows]
-    as_messages = AlignGPTInstructionCollator(processor, assistant_only_loss=True, gate_text_scope="prompt")(rows)
-    as_completions = AlignGPTInstructionCollator(processor, completion_only_loss=True, gate_text_scope="prompt")(split)
+    def rows():  # (fresh each time: TRL's collator rewrites the examples it is given)
+        return [dict(instruction_dataset[i]) for i in range(4)]  # rows 0, 1, 3 with an image, row 2 text-only
+
+    def split():
+        return [{"images": r["images"], "prompt": r["messages"][:1], "completion": r["messages"][1:]} for r in rows()]
+
+    as_messages = AlignGPTInstructionCollator(processor, assistant_only_loss=True, gate_text_scope="prompt")(rows())
+    as_completions = AlignGPTInstructionCollator(processor, completion_only_loss=True, gate_text_scope="prompt")(split())
     tok = processor.tokenizer
     for key in ("input_ids", "labels", "gate_text_mask"):
         for row in range(4):
@@ -473,6 +477,15 @@ def test_prompt_completion_rows_equal_the_same_conversation_as_messages(processo
             assert found.tolist() == expected.tolist(), (key, row, tok.decode(as_completions["input_ids"][row]))
     assert (as_completions["input_ids"] == tok.bos_token_id).sum(-1).tolist() == [1, 1, 1, 1]
     torch.testing.assert_close(as_completions["pixel_values"], as_messages["pixel_values"])
+    # a max_length that cuts into the answers cuts both the same way (the dropped bos takes no room)
+    cut = int(as_messages["attention_mask"].sum(-1)[[0, 1, 3]].min()) - 1  # (rows with an image: answers cut, not images)
+    as_messages = AlignGPTInstructionCollator(processor, assistant_only_loss=True, gate_text_scope="prompt",
+                                              max_length=cut)(rows())
+    as_completions = AlignGPTInstructionCollator(processor, completion_only_loss=True, gate_text_scope="prompt",
+                                                 max_length=cut)(split())
+    assert as_completions["input_ids"].shape[1] == cut
+    for key in ("input_ids", "attention_mask", "labels"):
+        assert as_completions[key].tolist() == as_messages[key].tolist(), key
 
 
 def test_prompt_gate_scope_sees_at_training_what_it_sees_at_inference(model, processor, instruction_dataset):
@@ -547,6 +560,14 @@ def test_bf16_mixed_precision_keeps_gate_and_projector_updates(config, processor
     small = {n: p for n, p in trainer.model.named_parameters()
              if p.requires_grad and ("alignment_gate" in n or "multi_modal_projector" in n)}
     assert small and {p.dtype for p in small.values()} == {torch.float32}
+    # FSDP flattens each unit's weights into one tensor of one dtype (and manages precision itself): left alone
+    from types import SimpleNamespace
+
+    from transformers_aligngpt.training import _keep_fully_trained_modules_in_fp32
+
+    other = new_model(config).to(torch.bfloat16)
+    _keep_fully_trained_modules_in_fp32(other, SimpleNamespace(bf16=True, fp16=False, fsdp="full_shard"))
+    assert {p.dtype for p in other.parameters()} == {torch.bfloat16}
     trainer.train()
     gate = next(p for n, p in small.items() if "alignment_gate" in n and n.endswith("fc1.weight"))
     # every entry of the gate's first layer moves (in bf16, 2e-5 steps left 99% of them unchanged)

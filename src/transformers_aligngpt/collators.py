@@ -198,23 +198,30 @@ class AlignGPTInstructionCollator(DataCollatorForVisionLanguageModeling):
     def _collate_prompt_completion(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         """TRL's prompt/completion batch without the bos that the processor (which starts every text it tokenises
         with bos, whatever `add_special_tokens` says) put before each completion: the model would learn to answer
-        `<s>` first. Rows come flushed left from TRL, so every bos after a row's first position is one of those."""
-        batch = super()._collate_prompt_completion(examples)
+        `<s>` first. Rows come flushed left from TRL, so every bos after a row's first position is one of those.
+        `max_length` cuts after that (TRL would cut first, and so spend a token of the limit on the dropped bos)."""
+        max_length, self.max_length = self.max_length, None
+        try:
+            batch = super()._collate_prompt_completion(examples)
+        finally:
+            self.max_length = max_length
+        keys = ("input_ids", "attention_mask", "labels")
         tokenizer = self.processor.tokenizer
-        if self.processor.bos_text is None:
-            return batch
-        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        extra_bos = (input_ids == tokenizer.bos_token_id) & (positions > 0) & attention_mask.bool()
-        if not extra_bos.any():
-            return batch
-        # each row's other tokens move left over its dropped bos (a stable sort puts the kept positions first, in
-        # order); the freed slots at the end become padding
-        order = torch.sort(extra_bos.to(torch.uint8), dim=1, stable=True).indices
-        width = int((attention_mask.bool() & ~extra_bos).sum(-1).max())
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        for key, fill in (("input_ids", pad_id), ("attention_mask", 0), ("labels", IGNORE_INDEX)):
-            batch[key] = batch[key].masked_fill(extra_bos, fill).gather(1, order)[:, :width]
+        if self.processor.bos_text is not None:
+            input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+            extra_bos = (input_ids == tokenizer.bos_token_id) & (positions > 0) & attention_mask.bool()
+            if extra_bos.any():
+                # each row's other tokens move left over its dropped bos (a stable sort puts the kept positions first,
+                # in order); the freed slots at the end become padding
+                order = torch.sort(extra_bos.to(torch.uint8), dim=1, stable=True).indices
+                width = int((attention_mask.bool() & ~extra_bos).sum(-1).max())
+                pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+                for key, fill in zip(keys, (pad_id, 0, IGNORE_INDEX)):
+                    batch[key] = batch[key].masked_fill(extra_bos, fill).gather(1, order)[:, :width]
+        if max_length is not None:
+            for key in keys:
+                batch[key] = batch[key][:, :max_length]
         return batch
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:

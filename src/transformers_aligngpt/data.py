@@ -143,6 +143,12 @@ def llava_conversations_to_messages(conversations: list[dict[str, str]]) -> list
                 )
             continue
         messages.append(message)
+    if not any(message["role"] != "system" for message in messages):
+        # (nothing to train on, and a chat template would fail on it mid-run)
+        raise ValueError(
+            "a LLaVA conversation holds no human turn (an opening gpt turn is dropped, as LLaVA does): remove the "
+            "record or give it a question."
+        )
     return messages
 
 
@@ -242,7 +248,10 @@ def load_llava_json(
             raise ValueError(
                 f"record {i} ({record_id!r}) has no `conversations` list{hint if wrapped and len(records) == 1 else ''}"
             )
-        messages = llava_conversations_to_messages(conversations)
+        try:
+            messages = llava_conversations_to_messages(conversations)
+        except ValueError as error:
+            raise ValueError(f"{path}: record {i} ({record_id!r}): {error}") from None
         caption = None
         if [m["role"] for m in messages] == ["user", "assistant"]:
             caption = conversations[-1].get("value")  # (after an opening gpt turn, dropped from the messages)

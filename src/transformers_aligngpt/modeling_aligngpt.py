@@ -960,15 +960,17 @@ class AlignGPTForConditionalGeneration(AlignGPTPreTrainedModel, GenerationMixin)
         a multimodal prompt's `<align>` slot: its vector is computed from the whole prompt's text and every image
         feature before the first token runs.
 
-        It also tells the model where the prompt ends (`gate_prompt_length`), so that the gate reads the prompt alone
-        at every step: without a cache (`use_cache=False`) each step reruns the whole sequence, generated tokens
-        included."""
-        prompt = kwargs.get("input_ids", args[0] if args else kwargs.get("inputs"))
-        if not isinstance(prompt, torch.Tensor):
-            prompt = kwargs.get("inputs_embeds")
-        if isinstance(prompt, torch.Tensor) and prompt.dim() >= 2:
-            kwargs.setdefault("gate_prompt_length", prompt.shape[1])
+        Without a cache (`use_cache=False`), where each step reruns the whole sequence, generated tokens included, it
+        also tells the model where the prompt ends (`gate_prompt_length`), so that the gate reads the prompt alone at
+        every step, as with a cache. (Only then: transformers hands the model kwargs to a draft `assistant_model` too,
+        which would refuse an argument it does not know; assisted decoding needs a cache anyway.)"""
         config = kwargs.get("generation_config") or self.generation_config
+        if kwargs.get("use_cache", getattr(config, "use_cache", True)) is False:
+            prompt = kwargs.get("input_ids", args[0] if args else kwargs.get("inputs"))
+            if not isinstance(prompt, torch.Tensor):
+                prompt = kwargs.get("inputs_embeds")
+            if isinstance(prompt, torch.Tensor) and prompt.dim() >= 2:
+                kwargs.setdefault("gate_prompt_length", prompt.shape[1])
         chunk_size = kwargs.get("prefill_chunk_size", getattr(config, "prefill_chunk_size", None))
         is_assistant = bool(getattr(config, "is_assistant", False))
         if chunk_size is not None or is_assistant:  # (else nothing is read: no device sync in a plain call)

@@ -902,6 +902,8 @@ def _keep_fully_trained_modules_in_fp32(model: torch.nn.Module, args) -> None:
     trained bf16 LLM is not upcast (that doubles its memory): a warning says how to get fp32 master weights."""
     if not (args.bf16 or args.fp16) or getattr(args, "deepspeed_plugin", None) is not None:
         return
+    if getattr(args, "fsdp", None) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return  # (FSDP flattens each wrapped unit's weights into one tensor of one dtype, and manages precision itself)
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         return
     low_precision_llm = False
