@@ -21,6 +21,7 @@ from transformers_aligngpt.evaluation.local_tasks import (  # noqa: E402
     offline_env,
     pope_style_dataset,
     run_lmms_eval,
+    write_choice_task,
     write_mme_task,
     write_pope_task,
 )
@@ -31,7 +32,7 @@ from transformers_aligngpt.tiny import (  # noqa: E402
     tiny_text_config,
 )
 
-POPE_TASK, MME_TASK = "aligngpt_pope_mini", "aligngpt_mme_mini"
+POPE_TASK, MME_TASK, CHOICE_TASK = "aligngpt_pope_mini", "aligngpt_mme_mini", "aligngpt_choice_mini"
 IMAGE_SIZE = 32
 
 
@@ -55,6 +56,7 @@ def task_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("lmms_eval_tasks")
     write_pope_task(path, pope_style_dataset(build_yes_no_eval(12, image_size=IMAGE_SIZE)), POPE_TASK, max_new_tokens=6)
     write_mme_task(path, mme_style_dataset(4, seed=0, image_size=IMAGE_SIZE), MME_TASK, max_new_tokens=6)
+    write_choice_task(path, pope_style_dataset(build_yes_no_eval(4, image_size=IMAGE_SIZE)), CHOICE_TASK)
     return path
 
 
@@ -66,7 +68,7 @@ def test_entry_point_registers_the_model():
 
 
 def test_lmms_eval_cli_on_local_tasks(checkpoint, task_dir, tmp_path):
-    tasks = [POPE_TASK, MME_TASK]
+    tasks = [POPE_TASK, MME_TASK, CHOICE_TASK]
     env = offline_env(OMP_NUM_THREADS="1")  # the two runs go side by side, one thread each
 
     def run(size):
@@ -82,6 +84,12 @@ def test_lmms_eval_cli_on_local_tasks(checkpoint, task_dir, tmp_path):
         assert pope["pope_yes_ratio,none"] == 0.5  # the set is balanced: this comes from the ground truth
         assert 0.0 <= mme["mme_perception_score,none"] <= 4 * 200.0  # 4 categories, at most 200 each
         assert len(run["samples"][POPE_TASK]) == 12 and len(run["samples"][MME_TASK]) == 8
+        # multiple_choice (loglikelihood requests): scored, each doc with its two candidates' (log-prob, greedy)
+        assert 0.0 <= run["results"]["results"][CHOICE_TASK]["acc,none"] <= 1.0
+        for sample in run["samples"][CHOICE_TASK]:  # (the log writes them as strings)
+            assert len(sample["filtered_resps"]) == 2
+            assert all(float(logprob) < 0 and greedy in ("True", "False")
+                       for logprob, greedy in sample["filtered_resps"])
 
     def answers(run, task):
         return {s["doc_id"]: s["filtered_resps"] for s in run["samples"][task]}
@@ -174,6 +182,14 @@ def test_prompt_style_and_image_aspect(checkpoint):
     assert lm.question_text(context, "mmvet", mmvet) == "What is the price of the pear?"
     assert lm.question_text("Is there a dog?\nAnswer ...", "pope", {}) == "Is there a dog?\nAnswer ..."
     assert lm.pads_images("pope") and not lm.pads_images("scienceqa_img")
+    # model_vqa.py (LLaVA-Bench, MM-Vet) calls the image processor directly, as model_vqa_science.py does
+    assert not lm.pads_images("llava_in_the_wild") and not lm.pads_images("mmvet")
+    # VizWiz: the question as asked (lmms-eval's capitalize() lower-cases all but its first letter)
+    vizwiz = {"question": "Is this Pepsi or Coke? I can't tell."}
+    assert lm.question_text("Is this pepsi or coke? i can't tell.\n...", "vizwiz_vqa_test", vizwiz) == (
+        "Is this Pepsi or Coke? I can't tell.\nWhen the provided information is insufficient, respond with "
+        "'Unanswerable'.\nAnswer the question using a single word or phrase."
+    )
     lm_lmms = _load(checkpoint, prompt_style="lmms_eval", image_aspect_ratio="pad")
     assert lm_lmms.question_text(context, "mmvet", mmvet) == context and lm_lmms.pads_images("scienceqa_img")
 
@@ -182,6 +198,8 @@ def test_prompt_style_and_image_aspect(checkpoint):
     doc["hint"] = "A pet."
     assert prompts.mmbench_cn_prompt(doc).startswith("A pet.\nWhich animal")
     assert prompts.mmbench_cn_prompt(doc).endswith("\n请直接回答选项字母。")
+    # the README's MMBench-dev without an OpenAI key: mmbench_en_dev_static, the same documents
+    assert lm.question_text("lmms-eval's layout", "mmbench_en_dev_static", doc) == prompts.mmbench_prompt(doc)
     ocr = {"question": "what brand is this?", "ocr_tokens": ["dakota", "camera"]}
     assert prompts.textvqa_prompt(ocr) == (
         "what brand is this?\nReference OCR token: dakota, camera\nAnswer the question using a single word or phrase."
@@ -201,7 +219,8 @@ def test_loglikelihood(checkpoint, mixed_docs):
     doc = mixed_docs[0]
     request = Instance("loglikelihood", (doc["question"], "Yes", lambda d: [d["image"]], 0, "mini", "test"), 0,
                        metadata={"task": "mini", "doc_id": 0, "repeats": 1})
-    (logprob, greedy), = lm.loglikelihood([request])
+    result, = lm.loglikelihood([request])
+    logprob, greedy = getattr(result, "text", result)  # (lmms-eval >= 0.7.3 gets it wrapped in a GenerationResult)
 
     prompt = f"{VICUNA_V1_SYSTEM_PROMPT} USER: <image>\n{doc['question']} ASSISTANT:"
     context = lm.processor(text=[prompt], images=[doc["image"]], return_tensors="pt")["input_ids"][0]

@@ -41,6 +41,11 @@ from collections import defaultdict
 import torch
 from accelerate import Accelerator
 from lmms_eval.api.instance import Instance
+
+try:  # lmms-eval >= 0.7.3: the evaluator unwraps every model output, and a bare (float, bool) becomes a string
+    from lmms_eval.api.instance import GenerationResult
+except ImportError:  # (earlier releases take the tuples as they are)
+    GenerationResult = None
 from lmms_eval.api.model import lmms
 from loguru import logger as eval_logger
 from PIL import Image
@@ -348,6 +353,11 @@ class AlignGPTLmmsEval(lmms):
             greedy = bool((logits.argmax(-1) == targets).all())
             results.append((float(logprobs.sum()), greedy))
             self.cache_hook.add_partial("loglikelihood", (context, continuation), results[-1])
+        if GenerationResult is not None:
+            # `unwrap_generation_output` turns anything but a str or a (str, ...) pair into `str(output)`, so that
+            # multiple_choice scoring (`lls, is_greedy = zip(*results)`) then fails; a GenerationResult's `text`
+            # passes through unchanged, which carries the pair to the task
+            return [GenerationResult(text=result) for result in results]
         return results
 
     def generate_until_multi_round(self, requests) -> list[str]:

@@ -143,6 +143,41 @@ metadata:
     return path
 
 
+def write_choice_task(
+    task_dir: str | os.PathLike, dataset: DatasetDict, task: str = "aligngpt_choice_local",
+    post_prompt: str = SHORT_ANSWER_SUFFIX,
+) -> Path:
+    """Writes a POPE-style `dataset` with `save_to_disk` and a `multiple_choice` task YAML on it: the model's
+    log-likelihood of "yes" and of "no" after POPE's prompt (lmms-eval's `loglikelihood` requests), scored by
+    accuracy. Returns the YAML path."""
+    task_dir = Path(task_dir).resolve()
+    data_dir = task_dir / f"{task}_data"
+    dataset.save_to_disk(str(data_dir))
+    utils = "lmms_eval.tasks.pope.utils"
+    text = f"""task: "{task}"
+dataset_path: "{data_dir}"
+dataset_kwargs:
+  load_from_disk: true
+test_split: test
+output_type: multiple_choice
+doc_to_visual: !function {utils}.pope_doc_to_visual
+doc_to_text: !function {utils}.pope_doc_to_text
+doc_to_choice: ["yes", "no"]
+doc_to_target: "{{{{0 if answer == 'yes' else 1}}}}"
+metric_list:
+  - metric: acc
+lmms_eval_specific_kwargs:
+  default:
+    pre_prompt: ""
+    post_prompt: "{post_prompt}"
+metadata:
+  - version: 0.0
+"""
+    path = task_dir / f"{task}.yaml"
+    path.write_text(text)
+    return path
+
+
 def write_mme_task(
     task_dir: str | os.PathLike, dataset: DatasetDict, task: str = "aligngpt_mme_local", max_new_tokens: int = 16
 ) -> Path:
