@@ -776,8 +776,8 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
             (labels supervising every token) keeps all its text, with a warning.
         gate_prompt_length (`int`, *optional*):
             The gate reads only positions before this one: the prompt, with either `gate_text_scope`. `generate()`
-            sets it to the prompt's length, so that decoding without a cache (`use_cache=False`, every step reruns
-            the whole sequence) mixes the prompt's alignment vector at every step, as cached decoding does. Pass it
+            sets it to the prompt's length when it decodes without a cache (`use_cache=False`: every step reruns the
+            whole sequence), so that every step mixes the prompt's alignment vector, as cached decoding does. Pass it
             when scoring continuations teacher-forced (prompt and answer in one forward) to condition them on the
             prompt alone, as generation is.
         mm_encoder_outputs (`dict`, *optional*):
