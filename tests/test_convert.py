@@ -315,6 +315,34 @@ def test_processor_reproduces_prompt_and_ids_and_generation(converted, original_
     assert generated[0, inputs["input_ids"].shape[1]:].tolist() == original
 
 
+@pytest.mark.parametrize("layout", ["messages", "prompt_completion"])
+def test_instruction_collator_gives_the_original_ids_and_labels(converted, original_reference, fixture_images, layout):
+    """Phase-2 batches of the fixture's two chats, through the package's collator (TRL's, plus AlignGPT's masks),
+    hold the original's tokens and labels: the answer's first token, the "▁" that sentencepiece gives the space after
+    "ASSISTANT:", supervised as the original supervises it."""
+    from transformers_aligngpt.collators import AlignGPTInstructionCollator
+
+    model, processor = converted
+    reference, _ = original_reference
+    examples = []
+    for row, sample in enumerate(reference["finetune"]):
+        question = sample["text"].split("USER: <image>\n", 1)[1].split(" ASSISTANT: ", 1)[0]
+        answer = sample["text"].rsplit(" ASSISTANT: ", 1)[1].removesuffix("</s>")
+        user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
+        assistant = {"role": "assistant", "content": [{"type": "text", "text": answer}]}
+        if layout == "messages":
+            examples.append({"images": [fixture_images[row]], "messages": [user, assistant]})
+        else:
+            examples.append({"images": [fixture_images[row]], "prompt": [user], "completion": [assistant]})
+    loss_flag = {"assistant_only_loss": True} if layout == "messages" else {"completion_only_loss": True}
+    batch = AlignGPTInstructionCollator(processor, gate_text_scope="prompt", **loss_flag)(examples)
+    for row, sample in enumerate(reference["finetune"]):
+        expected_ids, expected_labels = ours(sample["input_ids"], model.config, sample["labels"])
+        kept = batch["attention_mask"][row].bool()
+        assert batch["input_ids"][row][kept].tolist() == expected_ids[0].tolist()
+        assert batch["labels"][row][kept].tolist() == expected_labels[0].tolist()
+
+
 @pytest.mark.parametrize("saved_again", [False, True])
 def test_processor_ids_for_training_texts(converted, original_reference, fixture_images, saved_again, tmp_path):
     """Training texts (answers and `</s>` included; the plain pre-training format) tokenise like the original, also

@@ -69,6 +69,15 @@ def test_alignment_token_typed_in_the_text_is_refused(processor, config, images)
         processor(images=images[:1], text=[question])
     with pytest.raises(ValueError, match="Text 1 holds '<align>' in a row without an image"):
         processor(images=images[:1], text=["<image>a box\n", "what is <align>?"])
+    # ... unless the chat marks user text as text (transformers' sanitize_control_tokens): then it is a word
+    for with_image in (True, False):
+        messages = chat("What does the HTML tag <align> do?", with_image)
+        if with_image:
+            messages[0]["content"][0]["image"] = images[0]
+        out = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                            sanitize_control_tokens=True)
+        assert out["input_ids"][0].count(config.alignment_token_id) == int(with_image)
+        assert "align" in tok.decode(out["input_ids"][0], skip_special_tokens=True)
 
 
 def test_assistant_mask_covers_answers_and_eos_only_and_comes_with_the_gate_prompt(processor, images):
@@ -136,9 +145,11 @@ def test_truncation_from_the_left_that_cuts_the_alignment_token(processor, image
     side, processor.tokenizer.truncation_side = processor.tokenizer.truncation_side, "left"
     try:
         # every image token survives (only the start is cut), so only the <align> check can see it
-        with pytest.raises(ValueError, match=r"Truncation cut the <align> token at the start of rows \[0\].*'right'"):
-            processor(images=images[:1], text=text, truncation=True, max_length=full - 2)
-        # (left truncation cuts bos and <align> whenever it cuts at all; a row that fits is untouched)
+        # two tokens cut: bos and <align>; one: bos alone (the row then opens with <align>)
+        for cut in (2, 1):
+            with pytest.raises(ValueError, match=r"Truncation cut the start of rows \[0\], where bos and the <align>.*'right'"):
+                processor(images=images[:1], text=text, truncation=True, max_length=full - cut)
+        # (a row that fits is untouched)
         kept = processor(images=images[:1], text=text, truncation=True, max_length=full)
         assert len(kept["input_ids"][0]) == full
     finally:

@@ -842,6 +842,36 @@ def test_build_from_a_pretrained_llm_and_vision_tower(tokenizer, tmp_path):
     assert torch.isfinite(out.loss)
 
 
+def test_build_tokenises_a_sentencepiece_llm_as_the_original(original_fixture_dir, original_reference, tmp_path):
+    """A Llama sentencepiece tokenizer that transformers loads non-legacy (the first word alone gets "▁") still gives
+    the original's ids: the processor writes bos and <align> into the text, so the first word follows a special
+    token, where the original (each chunk tokenised alone) gives it its "▁"."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from transformers_aligngpt.tiny import tiny_text_config
+
+    reference, _ = original_reference
+    llm_dir, clip_dir, _, _ = save_plain_llm_and_tower(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(original_fixture_dir / "checkpoint", legacy=False)
+    text = reference["text_only_prompt"]
+    assert processor_free_first_word_differs(tokenizer, text)  # (the case at hand: "first" would cut the "▁")
+    tokenizer.save_pretrained(llm_dir)
+    LlamaForCausalLM(tiny_text_config(len(tokenizer))).save_pretrained(llm_dir)
+    _, processor = build_aligngpt_from_pretrained(llm_dir, clip_dir, dtype=torch.float32)
+    assert processor(text=[text])["input_ids"][0] == reference["text_only_input_ids"]
+    question = reference["prompts"][0]
+    from PIL import Image
+
+    ids = processor(text=[question], images=[Image.new("RGB", (20, 12))])["input_ids"][0]
+    assert ids[:3] == [tokenizer.bos_token_id, processor.alignment_token_id, reference["text_only_input_ids"][1]]
+
+
+def processor_free_first_word_differs(tokenizer, text):
+    """Whether tokenising bos + text without special tokens loses the first word's "▁" (Metaspace "first")."""
+    with_bos = tokenizer(tokenizer.bos_token + text, add_special_tokens=False)["input_ids"]
+    return with_bos != tokenizer(text)["input_ids"]
+
+
 def test_qlora_bnb_config_keeps_the_small_modules_out(config):
     bnb = qlora_bnb_config()
     assert bnb.load_in_4bit and bnb.bnb_4bit_quant_type == "nf4" and bnb.bnb_4bit_use_double_quant

@@ -6,10 +6,16 @@ What the processor adds to a prompt (the model never changes the sequence length
   model fills with the row's alignment vector. Rows without an image get none.
 """
 
+import re
 from collections.abc import Mapping
 
 from PIL import UnidentifiedImageError
 from transformers import ProcessorMixin
+
+try:  # the lookbehind that skips control tokens marked as user text (`sanitize_control_tokens=True`)
+    from transformers.processing_utils import _UNMARKED
+except ImportError:  # (transformers without that option marks nothing)
+    _UNMARKED = ""
 
 # The Vicuna v1 template of the released AlignGPT / LLaVA-1.5 instruct checkpoints:
 #   "{system} USER: <image>\n{question} ASSISTANT: {answer}</s>USER: ... ASSISTANT:"
@@ -39,8 +45,10 @@ VICUNA_V1_CHAT_TEMPLATE = (
     "{{- system_prompt + ' ' -}}"
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'user' -%}{{- 'USER: ' + render(message['content']) + ' ' -}}"
-    "{%- elif message['role'] == 'assistant' -%}{{- 'ASSISTANT: ' -}}"
-    "{%- generation -%}{{- render(message['content']) + eos_token -}}{%- endgeneration -%}"
+    # (the space after "ASSISTANT:" is the answer's: sentencepiece gives it a token of its own, "▁", which the
+    # original supervises, and the inference prompt ends at the colon)
+    "{%- elif message['role'] == 'assistant' -%}{{- 'ASSISTANT:' -}}"
+    "{%- generation -%}{{- ' ' + render(message['content']) + eos_token -}}{%- endgeneration -%}"
     "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
@@ -152,15 +160,18 @@ class AlignGPTProcessor(ProcessorMixin):
         )
         offsets = offsets or [[] for _ in text]
         bos, align = self.bos_text, self.alignment_token
+        # `<align>` as a placeholder, not as user text marked by sanitize_control_tokens
+        align_pattern = re.compile(_UNMARKED + re.escape(align))
         for row in range(len(text)):
             has_image = any(r["type"] == "image" for r in offsets[row])
             added_bos = bos is not None and not text[row].startswith(bos)
             if added_bos:
                 text[row], offsets[row] = _insert(text[row], offsets[row], 0, 0, bos, "bos")
             at = len(bos) if bos is not None else 0
-            if align in text[row]:
+            found = [match.start() for match in align_pattern.finditer(text[row])]
+            if found:
                 # already in place (text that went through this processor before), or typed in the text
-                if not has_image or text[row].find(align) != at or text[row].count(align) > 1:
+                if not has_image or found[0] != at or len(found) > 1:
                     where = "in a row without an image" if not has_image else "elsewhere than right after bos"
                     raise ValueError(
                         f"Text {row} holds {align!r} {where}: it is AlignGPT's reserved token, which the processor "
@@ -178,13 +189,24 @@ class AlignGPTProcessor(ProcessorMixin):
         input_ids = text_inputs["input_ids"]
         if hasattr(input_ids, "tolist"):
             input_ids = input_ids.tolist()
-        cut = [row for row, (ids, sample) in enumerate(zip(input_ids, text))
-               if list(ids).count(self.alignment_token_id) != sample.count(self.alignment_token)]
+        align_pattern = re.compile(_UNMARKED + re.escape(self.alignment_token))
+        bos_id = self.tokenizer.bos_token_id if self.bos_text is not None else None
+        cut = []
+        for row, (ids, sample) in enumerate(zip(input_ids, text)):
+            ids = list(ids)
+            expected = len(align_pattern.findall(sample))
+            if ids.count(self.alignment_token_id) != expected:
+                cut.append(row)
+            elif expected and bos_id is not None:
+                # a cut of one token takes bos alone: `<align>` then opens the row
+                at = ids.index(self.alignment_token_id)
+                if at == 0 or ids[at - 1] != bos_id:
+                    cut.append(row)
         if cut:
             raise ValueError(
-                f"Truncation cut the {self.alignment_token} token at the start of rows {cut[:8]} (it sits right after "
-                "bos, before the system prompt): truncate from the right (tokenizer.truncation_side = 'right'), or "
-                "raise max_length or pass truncation=False."
+                f"Truncation cut the start of rows {cut[:8]}, where bos and the {self.alignment_token} token sit (before "
+                "the system prompt): truncate from the right (tokenizer.truncation_side = 'right'), or raise "
+                "max_length or pass truncation=False."
             )
 
     def apply_chat_template(self, conversation, chat_template=None, **kwargs):

@@ -955,14 +955,17 @@ def build_aligngpt_from_pretrained(
         AlignGPTForConditionalGeneration,
         AlignGPTMultiModalProjector,
     )
+    from .convert import prepare_tokenizer
     from .processing_aligngpt import AlignGPTProcessor
 
     tokenizer = AutoTokenizer.from_pretrained(text_model)
     new_tokens = [token for token in ("<image>", "<align>") if token not in tokenizer.get_vocab()]
     if new_tokens:
         tokenizer.add_special_tokens({"additional_special_tokens": new_tokens}, replace_extra_special_tokens=False)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token  # as LLaVA-1.5 does for Vicuna
+    # pad = unk as LLaVA-1.5 does for Vicuna; a sentencepiece tokenizer that transformers loads non-legacy (prepend
+    # "▁" to the first word only) tokenises as the original, which gives every chunk between special tokens its "▁":
+    # the processor writes bos and <align> into the text, so with "first" the row's first word would lose it
+    prepare_tokenizer(tokenizer)
 
     language_model = AutoModelForCausalLM.from_pretrained(text_model, dtype=dtype)
     if len(tokenizer) > language_model.get_input_embeddings().num_embeddings:
