@@ -497,6 +497,30 @@ def test_bad_rows_error_before_scoring(clip_tiny_dir, clip_pairs, tmp_path, coun
     assert calls == []
 
 
+def test_inputs_that_cannot_be_scored_are_named_before_any_work(clip_tiny_dir, clip_pairs, tmp_path):
+    from transformers import Siglip2Config, Siglip2Model
+
+    folder, files, captions = clip_pairs(4)
+    images = [[str(folder / f)] for f in files]
+    # several captions per image (COCO-style) would fail deep in pyarrow
+    several = datasets.Dataset.from_dict({"images": images, "caption": [[c, c + " again"] for c in captions]})
+    with pytest.raises(ValueError, match=r"column 'caption' must hold one caption string per row"):
+        score_pairs(several, clip_tiny_dir, num_workers=0, cache_dir=tmp_path / "c", device="cpu")
+    # SigLIP 2's NaFlex processor gives patch sequences, not images
+    siglip2 = tmp_path / "siglip2"
+    config = Siglip2Config(text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                            num_attention_heads=2, max_position_embeddings=16),
+                           vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                              num_attention_heads=2, num_patches=16, patch_size=8))
+    Siglip2Model(config).save_pretrained(siglip2)
+    for name in ("tokenizer_config.json", "tokenizer.json", "preprocessor_config.json"):
+        if (clip_tiny_dir / name).exists():
+            (siglip2 / name).write_bytes((clip_tiny_dir / name).read_bytes())
+    pairs = datasets.Dataset.from_dict({"images": images, "caption": captions})
+    with pytest.raises(ValueError, match="SigLIP 2 .* not supported for scoring"):
+        score_pairs(pairs, siglip2, num_workers=0, cache_dir=tmp_path / "c2", device="cpu")
+
+
 def test_undecodable_image_error_after_scoring_then_fixed(
     clip_tiny_dir, clip_tiny, clip_pairs, tmp_path, count_image_calls
 ):

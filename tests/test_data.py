@@ -197,6 +197,12 @@ def test_decoded_images_and_writing_from_images_column(tmp_path):
     only_images = ds.remove_columns(["image_file"])
     write_llava_json(only_images, tmp_path / "out.json", image_folder=folder)
     assert json.loads((tmp_path / "out.json").read_text()) == PRETRAIN
+    # ... and one with a single `image` column (what score_pairs(image_column="image") and HF caption sets use),
+    # as paths or as datasets.Image
+    single = only_images.map(lambda row: {"image": row["images"][0]}, remove_columns=["images"])
+    for variant in (single, single.cast_column("image", datasets.Image())):
+        write_llava_json(variant, tmp_path / "single.json", image_folder=folder)
+        assert json.loads((tmp_path / "single.json").read_text()) == PRETRAIN
 
 
 def test_caption_only_dataset_is_written_as_pretraining_records(tmp_path):

@@ -233,6 +233,12 @@ class _PairView:
         for column in (image_column, text_column):
             if column not in dataset.column_names:
                 raise ValueError(f"column {column!r} not in the dataset (columns: {dataset.column_names})")
+        caption_feature = dataset.features[text_column]
+        if not (isinstance(caption_feature, Value) and caption_feature.dtype in ("string", "large_string", "null")):
+            raise ValueError(
+                f"column {text_column!r} must hold one caption string per row, not {caption_feature}: pick one caption "
+                "per image (several captions per image: one row per caption)."
+            )
         self.image_column, self.text_column = image_column, text_column
         self.image_folder = os.path.abspath(os.fspath(image_folder)) if image_folder is not None else None
         columns = [image_column, text_column]
@@ -472,6 +478,12 @@ class _ClipScorer:
         for method in ("get_image_features", "get_text_features"):
             if not hasattr(model, method):
                 raise TypeError(f"{type(model).__name__} has no `{method}`: pass a CLIP or SigLIP checkpoint")
+        if getattr(model.config, "model_type", None) == "siglip2":
+            # (its NaFlex processor gives patch sequences with a mask and shapes, not (N, C, H, W) images)
+            raise ValueError(
+                "SigLIP 2 (NaFlex) checkpoints are not supported for scoring: pass a CLIP or SigLIP checkpoint "
+                "(the paper's is openai/clip-vit-large-patch14-336)."
+            )
         self.device, self.dtype = device, dtype
         self.model = model.to(device=device, dtype=dtype).eval()
         self.image_processor, self.tokenizer = image_processor, tokenizer

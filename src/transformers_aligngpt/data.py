@@ -294,13 +294,15 @@ def _iter_llava_records(
     names = set(dataset.column_names)
     if "messages" not in names and "caption" not in names:
         raise ValueError("the dataset needs a `messages` column (or a `caption` column for pre-training data)")
-    wanted = [c for c in ("id", "image_file", "images", "messages", "caption") if c in names]
+    # (a single `image` column, as score_pairs(image_column="image") and the pre-training collator read, works too)
+    wanted = [c for c in ("id", "image_file", "images", "image", "messages", "caption") if c in names]
     for c in (level_column, score_column):
         if c is not None and c in names:
             wanted.append(c)
     view = dataset.select_columns(wanted)
-    if "images" in names:  # only paths are written: never decode the images
-        view = without_image_decoding(view, "images")
+    for column in ("images", "image"):
+        if column in names:  # only paths are written: never decode the images
+            view = without_image_decoding(view, column)
     row_number = 0
     for batch in view.iter(batch_size=batch_size):
         n = len(next(iter(batch.values())))
@@ -338,6 +340,8 @@ def _image_file_of(batch: dict[str, list], j: int, image_folder: str | None) -> 
     if "image_file" in batch and (batch["image_file"][j] is not None or "images" not in batch):
         return batch["image_file"][j]
     images = batch.get("images")
+    if images is None and batch.get("image") is not None:  # one image per row, or None
+        images = [[] if image is None else [image] for image in batch["image"]]
     if not images or not images[j]:
         return None
     if len(images[j]) > 1:
