@@ -313,6 +313,10 @@ def test_processor_reproduces_prompt_and_ids_and_generation(converted, original_
     generated = model.generate(**inputs, max_new_tokens=12, do_sample=False)
     original = reference["inference_generated_ids"][row][len(reference["input_ids"][row]):]
     assert generated[0, inputs["input_ids"].shape[1]:].tolist() == original
+    # Prompt lookup: the prompt ends in ":", whose first occurrence ("USER:") the <image> run follows, so its first
+    # candidates are <image> ids, run with the prompt in one forward: tokens there, and out of the gate's text
+    looked_up = model.generate(**inputs, max_new_tokens=12, do_sample=False, prompt_lookup_num_tokens=3)
+    assert looked_up[0, inputs["input_ids"].shape[1]:].tolist() == original
 
 
 @pytest.mark.parametrize("layout", ["messages", "prompt_completion"])

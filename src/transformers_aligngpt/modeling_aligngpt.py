@@ -416,17 +416,22 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
 
     def locate_placeholders(
         self, input_ids, inputs_embeds, attention_mask, gate_text_mask, alignment_levels, num_images, num_patches,
-        gate_runs,
+        gate_runs, prompt_length=None,
     ) -> PlaceholderLayout:
         """The placeholders' [`PlaceholderLayout`], after the placeholder checks: on the host with
         [`placeholders_on_host`] in eager mode with `input_ids`, else on the device ([`get_placeholder_masks`],
-        [`gate_text_tokens`], [`check_placeholders`])."""
+        [`gate_text_tokens`], [`check_placeholders`]). With `prompt_length` (shorter than the sequence), placeholder
+        ids after the prompt are ordinary tokens: the candidates that assisted decoding appends to the prompt in its
+        first forward, copied from the prompt by prompt lookup."""
         if input_ids is not None and not is_tracing() and self._host_checks_enabled():
             return self.placeholders_on_host(
                 input_ids, attention_mask, gate_text_mask, alignment_levels, num_images, num_patches, gate_runs,
-                inputs_embeds.dtype,
+                inputs_embeds.dtype, prompt_length,
             )
         image_mask, align_mask = self.get_placeholder_masks(input_ids, inputs_embeds)
+        if prompt_length is not None:
+            in_prompt = torch.arange(image_mask.shape[1], device=image_mask.device) < prompt_length
+            image_mask, align_mask = image_mask & in_prompt, align_mask & in_prompt
         gate_text = self.gate_text_tokens(image_mask, align_mask, attention_mask, gate_text_mask) if gate_runs else None
         gate_text_counts = self.check_placeholders(
             image_mask, align_mask, num_images, num_patches, alignment_levels, gate_text
@@ -439,7 +444,8 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         return os.getenv("TRANSFORMERS_DISABLE_TORCH_CHECK", "0") != "1"
 
     def placeholders_on_host(
-        self, input_ids, attention_mask, gate_text_mask, alignment_levels, num_images, num_patches, gate_runs, dtype
+        self, input_ids, attention_mask, gate_text_mask, alignment_levels, num_images, num_patches, gate_runs, dtype,
+        prompt_length=None,
     ) -> PlaceholderLayout:
         """The eager forward's placeholder bookkeeping, done on the CPU: the [`PlaceholderLayout`] that
         [`get_placeholder_masks`], [`gate_text_tokens`] and [`check_placeholders`] give on the device, with
@@ -465,6 +471,9 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         # device `stack` + one copy: a kernel's launch and wait cost more than a second transfer of a few KB), kept as
         # separate (batch, seq) arrays (stacking them on the host is one more NumPy call).
         ids = input_ids.cpu().numpy()
+        if prompt_length is not None:  # (placeholder ids after the prompt are tokens: see locate_placeholders)
+            ids = ids.copy()
+            ids[:, prompt_length:] = -1
         # (padding, gate_text_mask), each None or a (batch, seq) array, bool or 0/1
         masks = [None if mask is None else (mask != 0 if mask.is_floating_point() else mask).cpu().numpy()
                  for mask in gate_masks]
@@ -578,19 +587,24 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         return torch.where(layout.align_mask.unsqueeze(-1), vectors.unsqueeze(1), inputs_embeds)
 
     @staticmethod
-    def _prompt_padding_mask(attention_mask, gate_prompt_length, inputs_embeds):
-        """The 2D padding mask (batch, seq) with the positions from `gate_prompt_length` on masked out; the attention
-        mask itself when the prompt is the whole sequence (a prefill: nothing to cut, no device op)."""
+    def _prompt_length(gate_prompt_length, seq_len: int) -> int | None:
+        """`gate_prompt_length` checked, or None when it is absent or the prompt is the whole sequence (a prefill:
+        nothing to cut, no device op)."""
+        if gate_prompt_length is None:
+            return None
         if isinstance(gate_prompt_length, bool) or not isinstance(gate_prompt_length, (int, np.integer)):
             raise TypeError(
                 f"gate_prompt_length must be an int (the prompt's length in tokens), got {gate_prompt_length!r}."
             )
-        batch_size, seq_len = inputs_embeds.shape[:2]
-        if gate_prompt_length >= seq_len:
-            return attention_mask
         if gate_prompt_length < 1:
             raise ValueError(f"gate_prompt_length must be at least 1, got {gate_prompt_length}.")
-        in_prompt = (torch.arange(seq_len, device=inputs_embeds.device) < gate_prompt_length).expand(batch_size, -1)
+        return int(gate_prompt_length) if gate_prompt_length < seq_len else None
+
+    @staticmethod
+    def _prompt_padding_mask(attention_mask, prompt_length: int, inputs_embeds):
+        """The 2D padding mask (batch, seq) with the positions from `prompt_length` on masked out."""
+        batch_size, seq_len = inputs_embeds.shape[:2]
+        in_prompt = (torch.arange(seq_len, device=inputs_embeds.device) < prompt_length).expand(batch_size, -1)
         padding = _padding_mask(attention_mask)
         return in_prompt if padding is None else in_prompt & (padding != 0)
 
@@ -822,13 +836,15 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
                     "(`aligngpt sft`, `make_sft_trainer`) adds the mask, and so does the processor when TRL's collator "
                     "asks for assistant masks (assistant_only_loss=True)."
                 )
-            # the attention mask the gate reads: padding, and what follows the prompt when told where it ends
+            # Where the prompt ends, when the sequence holds more (generated tokens without a cache, assisted
+            # decoding's candidates): the gate reads the prompt alone, and placeholders count only there.
+            prompt_length = self._prompt_length(gate_prompt_length, inputs_embeds.shape[1])
             gate_attention_mask = attention_mask
-            if gate_runs and gate_prompt_length is not None:
-                gate_attention_mask = self._prompt_padding_mask(attention_mask, gate_prompt_length, inputs_embeds)
+            if gate_runs and prompt_length is not None:
+                gate_attention_mask = self._prompt_padding_mask(attention_mask, prompt_length, inputs_embeds)
             layout = self.locate_placeholders(
                 input_ids, inputs_embeds, gate_attention_mask, gate_text_mask, alignment_levels, num_images,
-                num_patches, gate_runs,
+                num_patches, gate_runs, prompt_length,
             )
             if image_outputs is None:
                 image_outputs = self.get_image_features(
@@ -960,17 +976,17 @@ class AlignGPTForConditionalGeneration(AlignGPTPreTrainedModel, GenerationMixin)
         a multimodal prompt's `<align>` slot: its vector is computed from the whole prompt's text and every image
         feature before the first token runs.
 
-        Without a cache (`use_cache=False`), where each step reruns the whole sequence, generated tokens included, it
-        also tells the model where the prompt ends (`gate_prompt_length`), so that the gate reads the prompt alone at
-        every step, as with a cache. (Only then: transformers hands the model kwargs to a draft `assistant_model` too,
-        which would refuse an argument it does not know; assisted decoding needs a cache anyway.)"""
+        It also tells every forward of this call where the prompt ends (`gate_prompt_length`, through
+        [`prepare_inputs_for_generation`]): without a cache (`use_cache=False`) each step reruns the whole sequence,
+        generated tokens included, and assisted decoding (prompt lookup, a draft model) runs the prompt and its first
+        candidate tokens in one forward; the gate reads the prompt alone either way, as in plain cached decoding, and
+        placeholder ids among the candidates are tokens. (Not a model kwarg: transformers hands those to a draft
+        `assistant_model` too, which would refuse it.)"""
         config = kwargs.get("generation_config") or self.generation_config
-        if kwargs.get("use_cache", getattr(config, "use_cache", True)) is False:
-            prompt = kwargs.get("input_ids", args[0] if args else kwargs.get("inputs"))
-            if not isinstance(prompt, torch.Tensor):
-                prompt = kwargs.get("inputs_embeds")
-            if isinstance(prompt, torch.Tensor) and prompt.dim() >= 2:
-                kwargs.setdefault("gate_prompt_length", prompt.shape[1])
+        prompt = kwargs.get("input_ids", args[0] if args else kwargs.get("inputs"))
+        if not isinstance(prompt, torch.Tensor):
+            prompt = kwargs.get("inputs_embeds")
+        prompt_length = prompt.shape[1] if isinstance(prompt, torch.Tensor) and prompt.dim() >= 2 else None
         chunk_size = kwargs.get("prefill_chunk_size", getattr(config, "prefill_chunk_size", None))
         is_assistant = bool(getattr(config, "is_assistant", False))
         if chunk_size is not None or is_assistant:  # (else nothing is read: no device sync in a plain call)
@@ -990,7 +1006,25 @@ class AlignGPTForConditionalGeneration(AlignGPTPreTrainedModel, GenerationMixin)
                         "<align> vector at its start needs the whole prompt's text and every image feature before "
                         "the first chunk runs: pass prefill_chunk_size=None (or at least the prompt length)."
                     )
-        return super().generate(*args, **kwargs)
+        self._generation_prompt_length = prompt_length
+        try:
+            return super().generate(*args, **kwargs)
+        finally:
+            self._generation_prompt_length = None
+
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        """[`~GenerationMixin.prepare_inputs_for_generation`], plus `gate_prompt_length` (the prompt's length, which
+        [`generate`] records) in the forwards that carry the images, unless the caller passed one. (Not in cached
+        decode steps: a compiled decoding step would specialise on the int and recompile for every prompt length.)"""
+        model_inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        prompt_length = self.__dict__.get("_generation_prompt_length")
+        if (
+            prompt_length is not None
+            and model_inputs.get("gate_prompt_length") is None
+            and (model_inputs.get("mm_encoder_outputs") is not None or model_inputs.get("pixel_values") is not None)
+        ):
+            model_inputs["gate_prompt_length"] = prompt_length
+        return model_inputs
 
     @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")  # (the old name would pass through **kwargs)
