@@ -361,7 +361,8 @@ def test_pretrain_records_the_pairs_per_level_of_its_data_for_the_card(tmp_path,
     for i, (level, score) in enumerate([(0, 0.11), (0, 0.13), (1, 0.20), (2, 0.31), (2, 0.35), (2, 0.33)]):
         Image.new("RGB", (12, 10), (40 * i, 200, 90)).save(tmp_path / f"{i}.png")
         records.append({"id": str(i), "image": f"{i}.png", "similarity": level, "clip_score": score,
-                        "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": f"pair {i}"}]})
+                        "conversations": [{"from": "human", "value": "<image>"},
+                                          {"from": "gpt", "value": f"pair {i}"}]})
     data = tmp_path / "levels.json"
     data.write_text(json.dumps(records))
     main(["pretrain", "--data", str(data), "--image-folder", str(tmp_path), "--num-levels", "3", "--max-steps", "1",

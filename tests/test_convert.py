@@ -798,6 +798,12 @@ def test_output_folder_is_checked_before_converting(tmp_path, original_fixture_d
     with pytest.raises(ConversionError, match="is the source folder"):
         convert_checkpoint(folder, tower, output_dir=tmp_path / "." / "ckpt", overwrite=True)
     assert (folder / "config.json").read_text() == before
+    # ... also the tower that config.json names (mm_vision_tower, relative to the checkpoint), not passed
+    shutil.copytree(original_fixture_dir / "clip-vit-tiny", tmp_path / "clip-vit-tiny")
+    tower_files = sorted(p.name for p in (tmp_path / "clip-vit-tiny").iterdir())
+    with pytest.raises(ConversionError, match="is the source folder"):
+        convert_checkpoint(folder, None, output_dir=tmp_path / "clip-vit-tiny", overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "clip-vit-tiny").iterdir()) == tower_files
     # a converted folder given as the source: said so, not "84 weights have no place"
     with pytest.raises(ConversionError, match="is already converted"):
         convert_checkpoint(converted_original_dir, tower)
@@ -852,6 +858,24 @@ def test_pretrain_language_model_must_be_a_causal_lm(original_fixture_dir, tmp_p
         convert_pretrain_artefact(original_fixture_dir / "pretrain" / "mm_projector_align.bin",
                                   original_fixture_dir / "clip-vit-tiny", original_fixture_dir / "clip-vit-tiny",
                                   tmp_path / "out")
+
+
+def test_a_phase1_output_folder_is_pointed_to_pretrain_artefact(original_fixture_dir, tmp_path):
+    """The original's phase-1 output (config.json + mm_projector_align.bin) given as --checkpoint is named for what
+    it is (not "no tokenizer", then "no weights"), and --pretrain-artefact takes the folder, as training does."""
+    folder = tmp_path / "aligngpt-pretrain"
+    shutil.copytree(original_fixture_dir / "pretrain", folder)
+    shutil.copyfile(original_fixture_dir / "checkpoint" / "config.json", folder / "config.json")
+    expected = r"is a phase-1 \(pre-training\) output .* --pretrain-artefact .*aligngpt-pretrain/mm_projector_align"
+    with pytest.raises(ConversionError, match=expected):
+        convert_checkpoint(folder, str(original_fixture_dir / "clip-vit-tiny"), tmp_path / "out")
+    # the folder as --pretrain-artefact: read (the next check, on the language model, is reached)
+    with pytest.raises(ConversionError, match="is not a causal language model"):
+        convert_pretrain_artefact(folder, original_fixture_dir / "clip-vit-tiny",
+                                  original_fixture_dir / "clip-vit-tiny", tmp_path / "out")
+    with pytest.raises(ConversionError, match=r"no mm_projector_align.bin or mm_projector_align.safetensors in it"):
+        convert_pretrain_artefact(tmp_path, original_fixture_dir / "clip-vit-tiny",
+                                  original_fixture_dir / "clip-vit-tiny", tmp_path / "out2")
 
 
 def test_card_info_records_the_bases_and_the_license(tmp_path, original_fixture_dir):

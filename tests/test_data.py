@@ -154,7 +154,8 @@ def test_conversation_conversion_is_inverse():
 
 def test_reader_names_a_record_without_a_question(tmp_path):
     records = INSTRUCT + [{"id": "greeting", "conversations": [{"from": "gpt", "value": "Hello!"}]}]
-    with pytest.raises(ValueError, match=rf"record {len(INSTRUCT)} \('greeting'\): a LLaVA conversation holds no human"):
+    expected = rf"record {len(INSTRUCT)} \('greeting'\): a LLaVA conversation holds no human"
+    with pytest.raises(ValueError, match=expected):
         load_llava_json(write(tmp_path / "bad.json", records))
     # plain string contents (another common chat format) are written as they are
     assert messages_to_llava_conversations([{"role": "user", "content": "hi"}]) == [{"from": "human", "value": "hi"}]

@@ -147,7 +147,8 @@ def test_truncation_from_the_left_that_cuts_the_alignment_token(processor, image
         # every image token survives (only the start is cut), so only the <align> check can see it
         # two tokens cut: bos and <align>; one: bos alone (the row then opens with <align>)
         for cut in (2, 1):
-            with pytest.raises(ValueError, match=r"Truncation cut the start of rows \[0\], where bos and the <align>.*'right'"):
+            expected = r"Truncation cut the start of rows \[0\], where bos and the <align>.*'right'"
+            with pytest.raises(ValueError, match=expected):
                 processor(images=images[:1], text=text, truncation=True, max_length=full - cut)
         # (a row that fits is untouched)
         kept = processor(images=images[:1], text=text, truncation=True, max_length=full)

@@ -468,7 +468,8 @@ def test_prompt_completion_rows_equal_the_same_conversation_as_messages(processo
         return [{"images": r["images"], "prompt": r["messages"][:1], "completion": r["messages"][1:]} for r in rows()]
 
     as_messages = AlignGPTInstructionCollator(processor, assistant_only_loss=True, gate_text_scope="prompt")(rows())
-    as_completions = AlignGPTInstructionCollator(processor, completion_only_loss=True, gate_text_scope="prompt")(split())
+    as_completions = AlignGPTInstructionCollator(processor, completion_only_loss=True,
+                                                 gate_text_scope="prompt")(split())
     tok = processor.tokenizer
     for key in ("input_ids", "labels", "gate_text_mask"):
         for row in range(4):
@@ -478,7 +479,8 @@ def test_prompt_completion_rows_equal_the_same_conversation_as_messages(processo
     assert (as_completions["input_ids"] == tok.bos_token_id).sum(-1).tolist() == [1, 1, 1, 1]
     torch.testing.assert_close(as_completions["pixel_values"], as_messages["pixel_values"])
     # a max_length that cuts into the answers cuts both the same way (the dropped bos takes no room)
-    cut = int(as_messages["attention_mask"].sum(-1)[[0, 1, 3]].min()) - 1  # (rows with an image: answers cut, not images)
+    # (the rows with an image: their answers are cut, not their images)
+    cut = int(as_messages["attention_mask"].sum(-1)[[0, 1, 3]].min()) - 1
     as_messages = AlignGPTInstructionCollator(processor, assistant_only_loss=True, gate_text_scope="prompt",
                                               max_length=cut)(rows())
     as_completions = AlignGPTInstructionCollator(processor, completion_only_loss=True, gate_text_scope="prompt",

@@ -135,7 +135,8 @@ class AlignGPTConfig(PreTrainedConfig):
         edited afterwards and still matter (`alignment_mode`, `fixed_alignment_level`, `gate_text_scope`; transformers
         checks `vision_feature_select_strategy`), with the same errors and nothing to pay on the valid path."""
         vision_type = getattr(self.vision_config, "model_type", None)
-        if getattr(self.vision_config, "vision_config", None) is not None or vision_type in ("clip", "siglip", "siglip2"):
+        whole = vision_type in ("clip", "siglip", "siglip2")
+        if whole or getattr(self.vision_config, "vision_config", None) is not None:
             # (a whole CLIPConfig builds no tower: image_size and patch_size live in its vision part)
             raise ValueError(
                 f"vision_config is a whole {type(self.vision_config).__name__} ({vision_type!r}, text and vision "

@@ -723,6 +723,7 @@ def convert_checkpoint(
     check_output_dir(output_dir, sources=[checkpoint, vision_tower], overwrite=overwrite)
     _check_original_options(original_config)
     torch_dtype = _torch_dtype(dtype, original_config)
+    _refuse_phase1_folder(checkpoint)
     if not any((checkpoint / name).is_file() for name in TOKENIZER_FILES):
         raise ConversionError(
             f"No tokenizer in {checkpoint} (tokenizer.model or tokenizer.json): copy the tokenizer files of the "
@@ -735,6 +736,8 @@ def convert_checkpoint(
         if configured_tower is None:
             raise ConversionError("The config names no vision tower (mm_vision_tower); pass --vision-tower.")
         vision_tower = _resolve_path_or_id(configured_tower, relative_to=checkpoint)
+        # (the tower the config names is a source too: --overwrite would replace its weights and config)
+        check_output_dir(output_dir, sources=[vision_tower], overwrite=overwrite)
         # releases record a path of the authors' machine: a path that is not here is no Hub id either
         if looks_like_path(vision_tower) and not os.path.isdir(vision_tower):
             raise ConversionError(
@@ -833,6 +836,35 @@ def _check_gate_width(config, state_dict):
         )
 
 
+PHASE1_ARTEFACT_NAMES = ("mm_projector_align.bin", "mm_projector_align.safetensors")
+FULL_WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                     "pytorch_model.bin.index.json")
+
+
+def _refuse_phase1_folder(checkpoint: Path) -> None:
+    """A phase-1 output folder (the artefact and a config, no model weights) given as a full checkpoint: said so,
+    with the option that converts it (otherwise the tokenizer, then the weights, would be reported missing)."""
+    artefacts = [name for name in PHASE1_ARTEFACT_NAMES if (checkpoint / name).is_file()]
+    if artefacts and not any((checkpoint / name).is_file() for name in FULL_WEIGHT_NAMES):
+        raise ConversionError(
+            f"{checkpoint} is a phase-1 (pre-training) output ({artefacts[0]}: projector and alignment embeddings, no "
+            f"language model): convert it with --pretrain-artefact {checkpoint / artefacts[0]} --language-model "
+            "LLM --vision-tower TOWER."
+        )
+
+
+def _artefact_file(artefact: Path) -> Path:
+    """The phase-1 artefact file: `artefact` itself, or the one inside a phase-1 output folder."""
+    if artefact.is_dir():
+        for name in PHASE1_ARTEFACT_NAMES:
+            if (artefact / name).is_file():
+                return artefact / name
+        raise ConversionError(f"--pretrain-artefact {artefact}: no {' or '.join(PHASE1_ARTEFACT_NAMES)} in it.")
+    if not artefact.is_file():
+        raise ConversionError(f"--pretrain-artefact {artefact}: no such file.")
+    return artefact
+
+
 def load_pretrain_artefact(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """`mm_projector_align.bin` (or .safetensors) of phase 1: `mm_projector.*` and `align_indicators.indicator_embs`."""
     state_dict = map_original_state_dict(_load_weight_file(Path(path)))
@@ -879,9 +911,8 @@ def convert_pretrain_artefact(
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     artefact, language_model, vision_tower = Path(artefact), str(language_model), str(vision_tower)
+    artefact = _artefact_file(artefact)  # (a phase-1 output folder holds it)
     check_output_dir(output_dir, sources=[artefact.parent, language_model, vision_tower], overwrite=overwrite)
-    if not artefact.is_file():
-        raise ConversionError(f"--pretrain-artefact {artefact}: no such file.")
     sidecar = artefact.parent / "config.json"
     original_config = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
     if original_config:

@@ -204,8 +204,8 @@ class AlignGPTProcessor(ProcessorMixin):
                     cut.append(row)
         if cut:
             raise ValueError(
-                f"Truncation cut the start of rows {cut[:8]}, where bos and the {self.alignment_token} token sit (before "
-                "the system prompt): truncate from the right (tokenizer.truncation_side = 'right'), or raise "
+                f"Truncation cut the start of rows {cut[:8]}, where bos and the {self.alignment_token} token sit "
+                "(before the system prompt): truncate from the right (tokenizer.truncation_side = 'right'), or raise "
                 "max_length or pass truncation=False."
             )
 
