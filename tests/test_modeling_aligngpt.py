@@ -208,6 +208,44 @@ def test_generate_cache_matches_no_cache_and_runs_vision_once(model, processor, 
     assert cached.sequences.shape[1] == inputs["input_ids"].shape[1] + 10
 
 
+def test_concurrent_generate_calls_keep_their_own_prompt(model, processor, images):
+    """Two threads generating on one model (a server), uncached: each call's gate reads its own prompt, also when the
+    other call starts and ends in the middle of it (made to happen: the first call waits in its first forward)."""
+    import threading
+
+    sharpen_gate(model)
+    questions = ["What is shown?", "How many squares are there in the image, and what colour are they?"]
+    inputs = [processor(images=images[i:i + 1], text=prompts(processor, [q]), return_tensors="pt")
+              for i, q in enumerate(questions)]
+
+    def run(row):
+        out = model.generate(**inputs[row], max_new_tokens=6, do_sample=False, use_cache=False,
+                             return_dict_in_generate=True, output_logits=True)
+        return out.sequences, torch.stack(out.logits)
+
+    alone = [run(0), run(1)]
+    in_first_forward, other_done, results = threading.Event(), threading.Event(), {}
+
+    def hold_the_first_call(module, args):
+        if threading.current_thread().name == "first" and not other_done.is_set():
+            in_first_forward.set()
+            assert other_done.wait(60)
+
+    handle = model.model.language_model.register_forward_pre_hook(hold_the_first_call)
+    try:
+        first = threading.Thread(target=lambda: results.update(first=run(0)), name="first")
+        first.start()
+        assert in_first_forward.wait(60)
+        results["second"] = run(1)
+        other_done.set()
+        first.join(60)
+    finally:
+        handle.remove()
+    for (sequences, logits), (expected_sequences, expected_logits) in zip([results["first"], results["second"]], alone):
+        assert torch.equal(sequences, expected_sequences)
+        torch.testing.assert_close(logits, expected_logits, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("scope", ["prompt", "conversation"])
 def test_gate_prompt_length_scores_an_answer_as_generation_does(model, processor, images, scope):
     """Teacher-forced scoring (prompt + answer in one forward, as lmms-eval's loglikelihood) conditions on the prompt's

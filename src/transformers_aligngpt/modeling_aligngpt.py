@@ -18,6 +18,7 @@ The alignment vector of a row, with `E = alignment_embeddings.weight` of shape (
 import contextlib
 import inspect
 import os
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -895,6 +896,11 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
         )
 
 
+# The prompt length of the `generate` call running in this thread, per model (`id`): what
+# `AlignGPTForConditionalGeneration.prepare_inputs_for_generation` hands the forwards that carry images.
+_GENERATION_PROMPTS = threading.local()
+
+
 def _fill_columns_(logits: torch.Tensor, low: int, high: int, value: float) -> None:
     # Python-int indices: no index tensor to copy to the device at every decoding step; one fill kernel when the two
     # ids are adjacent (the converter appends them to the vocabulary side by side). `fill_` on a slice: item
@@ -1006,18 +1012,24 @@ class AlignGPTForConditionalGeneration(AlignGPTPreTrainedModel, GenerationMixin)
                         "<align> vector at its start needs the whole prompt's text and every image feature before "
                         "the first chunk runs: pass prefill_chunk_size=None (or at least the prompt length)."
                     )
-        self._generation_prompt_length = prompt_length
+        # per thread and per model (a server may run several generate calls on one model at once)
+        lengths = _GENERATION_PROMPTS.__dict__.setdefault("lengths", {})
+        outer = lengths.get(id(self))
+        lengths[id(self)] = prompt_length
         try:
             return super().generate(*args, **kwargs)
         finally:
-            self._generation_prompt_length = None
+            if outer is None:
+                lengths.pop(id(self), None)
+            else:
+                lengths[id(self)] = outer
 
     def prepare_inputs_for_generation(self, *args, **kwargs):
         """[`~GenerationMixin.prepare_inputs_for_generation`], plus `gate_prompt_length` (the prompt's length, which
         [`generate`] records) in the forwards that carry the images, unless the caller passed one. (Not in cached
         decode steps: a compiled decoding step would specialise on the int and recompile for every prompt length.)"""
         model_inputs = super().prepare_inputs_for_generation(*args, **kwargs)
-        prompt_length = self.__dict__.get("_generation_prompt_length")
+        prompt_length = _GENERATION_PROMPTS.__dict__.get("lengths", {}).get(id(self))
         if (
             prompt_length is not None
             and model_inputs.get("gate_prompt_length") is None
