@@ -102,36 +102,25 @@ def _generation_kwargs(max_new_tokens: int) -> str:
 """
 
 
-def write_pope_task(
-    task_dir: str | os.PathLike, dataset: DatasetDict, task: str = "aligngpt_pope_local",
-    max_new_tokens: int = 16, yes_no_filter: bool = False, post_prompt: str = SHORT_ANSWER_SUFFIX,
-) -> Path:
-    """Writes `dataset` with `save_to_disk` and a task YAML that reuses lmms-eval's POPE functions; returns the
-    YAML path. `yes_no_filter=True` adds `YES_NO_FILTER` (metrics then appear under the filter name `yes_no`).
-    `post_prompt` follows the question (POPE's "\\nAnswer the question using a single word or phrase." by
-    default; YAML double-quoted escapes, so "\\n" is a newline)."""
+POPE_UTILS = "lmms_eval.tasks.pope.utils"
+
+
+def _write_pope_style_task(task_dir, dataset: DatasetDict, task: str, output_type: str, body: str,
+                           post_prompt: str) -> Path:
+    """Saves `dataset` (`save_to_disk`) and writes a task YAML on it with lmms-eval's POPE prompt and images, the
+    `body` (target, scoring) in between; returns the YAML path."""
     task_dir = Path(task_dir).resolve()
     data_dir = task_dir / f"{task}_data"
     dataset.save_to_disk(str(data_dir))
-    utils = "lmms_eval.tasks.pope.utils"
-    metrics = "\n".join(
-        f"  - metric: pope_{name}\n    aggregation: !function {utils}.pope_aggregate_{name}\n"
-        f"    higher_is_better: true"
-        for name in ("accuracy", "precision", "recall", "f1_score", "yes_ratio")
-    )
     text = f"""task: "{task}"
 dataset_path: "{data_dir}"
 dataset_kwargs:
   load_from_disk: true
 test_split: test
-output_type: generate_until
-doc_to_visual: !function {utils}.pope_doc_to_visual
-doc_to_text: !function {utils}.pope_doc_to_text
-doc_to_target: "answer"
-{_generation_kwargs(max_new_tokens)}process_results: !function {utils}.pope_process_results
-metric_list:
-{metrics}
-{YES_NO_FILTER if yes_no_filter else ""}lmms_eval_specific_kwargs:
+output_type: {output_type}
+doc_to_visual: !function {POPE_UTILS}.pope_doc_to_visual
+doc_to_text: !function {POPE_UTILS}.pope_doc_to_text
+{body}lmms_eval_specific_kwargs:
   default:
     pre_prompt: ""
     post_prompt: "{post_prompt}"
@@ -141,6 +130,27 @@ metadata:
     path = task_dir / f"{task}.yaml"
     path.write_text(text)
     return path
+
+
+def write_pope_task(
+    task_dir: str | os.PathLike, dataset: DatasetDict, task: str = "aligngpt_pope_local",
+    max_new_tokens: int = 16, yes_no_filter: bool = False, post_prompt: str = SHORT_ANSWER_SUFFIX,
+) -> Path:
+    """Writes `dataset` with `save_to_disk` and a task YAML that reuses lmms-eval's POPE functions; returns the
+    YAML path. `yes_no_filter=True` adds `YES_NO_FILTER` (metrics then appear under the filter name `yes_no`).
+    `post_prompt` follows the question (POPE's "\\nAnswer the question using a single word or phrase." by
+    default; YAML double-quoted escapes, so "\\n" is a newline)."""
+    metrics = "\n".join(
+        f"  - metric: pope_{name}\n    aggregation: !function {POPE_UTILS}.pope_aggregate_{name}\n"
+        f"    higher_is_better: true"
+        for name in ("accuracy", "precision", "recall", "f1_score", "yes_ratio")
+    )
+    body = f"""doc_to_target: "answer"
+{_generation_kwargs(max_new_tokens)}process_results: !function {POPE_UTILS}.pope_process_results
+metric_list:
+{metrics}
+{YES_NO_FILTER if yes_no_filter else ""}"""
+    return _write_pope_style_task(task_dir, dataset, task, "generate_until", body, post_prompt)
 
 
 def write_choice_task(
@@ -150,32 +160,12 @@ def write_choice_task(
     """Writes a POPE-style `dataset` with `save_to_disk` and a `multiple_choice` task YAML on it: the model's
     log-likelihood of "yes" and of "no" after POPE's prompt (lmms-eval's `loglikelihood` requests), scored by
     accuracy. Returns the YAML path."""
-    task_dir = Path(task_dir).resolve()
-    data_dir = task_dir / f"{task}_data"
-    dataset.save_to_disk(str(data_dir))
-    utils = "lmms_eval.tasks.pope.utils"
-    text = f"""task: "{task}"
-dataset_path: "{data_dir}"
-dataset_kwargs:
-  load_from_disk: true
-test_split: test
-output_type: multiple_choice
-doc_to_visual: !function {utils}.pope_doc_to_visual
-doc_to_text: !function {utils}.pope_doc_to_text
-doc_to_choice: ["yes", "no"]
-doc_to_target: "{{{{0 if answer == 'yes' else 1}}}}"
+    body = """doc_to_choice: ["yes", "no"]
+doc_to_target: "{{0 if answer == 'yes' else 1}}"
 metric_list:
   - metric: acc
-lmms_eval_specific_kwargs:
-  default:
-    pre_prompt: ""
-    post_prompt: "{post_prompt}"
-metadata:
-  - version: 0.0
 """
-    path = task_dir / f"{task}.yaml"
-    path.write_text(text)
-    return path
+    return _write_pope_style_task(task_dir, dataset, task, "multiple_choice", body, post_prompt)
 
 
 def write_mme_task(
@@ -270,6 +260,7 @@ __all__ = [
     "pope_style_dataset",
     "mme_style_dataset",
     "write_pope_task",
+    "write_choice_task",
     "write_mme_task",
     "offline_env",
     "run_lmms_eval",
