@@ -790,11 +790,12 @@ class AlignGPTModel(AlignGPTPreTrainedModel):
             Ignored with `"conversation"`, where the gate reads every text token. A row that it leaves without text
             (labels supervising every token) keeps all its text, with a warning.
         gate_prompt_length (`int`, *optional*):
-            The gate reads only positions before this one: the prompt, with either `gate_text_scope`. `generate()`
-            sets it to the prompt's length when it decodes without a cache (`use_cache=False`: every step reruns the
-            whole sequence), so that every step mixes the prompt's alignment vector, as cached decoding does. Pass it
-            when scoring continuations teacher-forced (prompt and answer in one forward) to condition them on the
-            prompt alone, as generation is.
+            Where the prompt ends: the gate reads only the positions before it (with either `gate_text_scope`), and
+            placeholder ids after it are ordinary tokens. `generate()` sets it in every forward that carries images,
+            for those that run more than the prompt: without a cache (`use_cache=False`) every step reruns the whole
+            sequence, and assisted decoding runs the prompt with its first candidate tokens. Pass it when scoring
+            continuations teacher-forced (prompt and answer in one forward) to condition them on the prompt alone, as
+            generation is.
         mm_encoder_outputs (`dict`, *optional*):
             `{"image": get_image_features(...)}` computed beforehand; `generate()` does this once before prefill.
         """
