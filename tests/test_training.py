@@ -861,6 +861,16 @@ def test_build_tokenises_a_sentencepiece_llm_as_the_original(original_fixture_di
     LlamaForCausalLM(tiny_text_config(len(tokenizer))).save_pretrained(llm_dir)
     _, processor = build_aligngpt_from_pretrained(llm_dir, clip_dir, dtype=torch.float32)
     assert processor(text=[text])["input_ids"][0] == reference["text_only_input_ids"]
+    # ... and so does a processor built by hand around the tokenizer as transformers loads it (LlavaProcessor-style)
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    from transformers_aligngpt import AlignGPTProcessor
+
+    by_hand = AutoTokenizer.from_pretrained(original_fixture_dir / "checkpoint", legacy=False)
+    by_hand.add_special_tokens({"additional_special_tokens": ["<image>", "<align>"]}, replace_extra_special_tokens=False)
+    by_hand_processor = AlignGPTProcessor(image_processor=LlavaImageProcessorPil(), tokenizer=by_hand,
+                                          num_image_tokens=16)
+    assert by_hand_processor(text=[text])["input_ids"][0] == reference["text_only_input_ids"]
     question = reference["prompts"][0]
     from PIL import Image
 

@@ -502,11 +502,10 @@ def build_model_from_state_dict(config, state_dict: dict[str, torch.Tensor], dty
 def prepare_tokenizer(tokenizer, model_max_length: int | None = None):
     """Sets the pad token (unk, like the original) and left padding for generation.
 
-    Sentencepiece (Metaspace) tokenizers get `prepend_scheme="always"`: each chunk between special tokens gets
-    its own dummy-prefix "▁", as the original tokenises the text before and after `<image>` separately. Written as
-    `legacy=True` so that `AutoTokenizer.from_pretrained` rebuilds the same pipeline.
+    Sentencepiece (Metaspace) tokenizers give each chunk between special tokens its own dummy-prefix "▁", as the
+    original tokenises the text before and after `<image>` separately ([`prefix_every_chunk`]).
     """
-    from tokenizers import pre_tokenizers
+    from .processing_aligngpt import prefix_every_chunk
 
     for token in (IMAGE_TOKEN, ALIGNMENT_TOKEN):
         if tokenizer.convert_tokens_to_ids(token) in (None, tokenizer.unk_token_id):
@@ -517,16 +516,7 @@ def prepare_tokenizer(tokenizer, model_max_length: int | None = None):
     if model_max_length:
         tokenizer.model_max_length = model_max_length
 
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None and isinstance(backend.pre_tokenizer, pre_tokenizers.Metaspace):
-        metaspace = backend.pre_tokenizer
-        if metaspace.prepend_scheme != "always":
-            backend.pre_tokenizer = pre_tokenizers.Metaspace(
-                replacement=metaspace.replacement, prepend_scheme="always", split=metaspace.split
-            )
-        if hasattr(tokenizer, "legacy"):
-            tokenizer.legacy = True
-            tokenizer.init_kwargs["legacy"] = True  # saved to tokenizer_config.json
+    prefix_every_chunk(tokenizer)
     return tokenizer
 
 

@@ -55,6 +55,27 @@ VICUNA_V1_CHAT_TEMPLATE = (
 )
 
 
+def prefix_every_chunk(tokenizer) -> None:
+    """A sentencepiece (Metaspace) tokenizer made to give every chunk between special tokens its own "▁", as the
+    original does (it tokenises the text before and after `<image>` separately), and flagged `legacy=True` so that
+    `AutoTokenizer.from_pretrained` rebuilds the same pipeline. transformers 5 loads Llama / Vicuna tokenizers
+    non-legacy by default, which gives the "▁" to the text's first word only; this processor writes bos (and
+    `<align>`) into the text, so there every row's first word would lose it. Other tokenizers are left alone."""
+    from tokenizers import pre_tokenizers
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not isinstance(backend.pre_tokenizer, pre_tokenizers.Metaspace):
+        return
+    metaspace = backend.pre_tokenizer
+    if metaspace.prepend_scheme != "always":
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(
+            replacement=metaspace.replacement, prepend_scheme="always", split=metaspace.split
+        )
+    if hasattr(tokenizer, "legacy"):
+        tokenizer.legacy = True
+        tokenizer.init_kwargs["legacy"] = True  # saved to tokenizer_config.json
+
+
 def plain_pretraining_text(caption: str, image_token: str = "<image>") -> str:
     """The plain pre-training format of LLaVA / AlignGPT: `<image>{caption}\\n` (the loss covers the caption)."""
     return f"{image_token}{caption}\n"
@@ -109,11 +130,11 @@ class AlignGPTProcessor(ProcessorMixin):
                 f"`tokenizer.add_special_tokens({{'additional_special_tokens': [{self.image_token!r}, "
                 f"{self.alignment_token!r}]}})` and resize the model's embeddings."
             )
+        prefix_every_chunk(tokenizer)
         if getattr(tokenizer, "legacy", None) is True:
-            # A converted checkpoint's sentencepiece tokenizer gives every chunk between special tokens its own "▁"
-            # (legacy=True), as the original does. The tokenizer reads the flag when loaded but does not keep it in
-            # init_kwargs, so a save would write the default (False) and the reloaded tokenizer would split
-            # differently: written back here, it survives save_pretrained / push_to_hub.
+            # The tokenizer reads the flag when loaded but does not keep it in init_kwargs, so a save would write the
+            # default (False) and the reloaded tokenizer would split differently: written back here, it survives
+            # save_pretrained / push_to_hub.
             tokenizer.init_kwargs["legacy"] = True
         if chat_template is None:
             chat_template = VICUNA_V1_CHAT_TEMPLATE

@@ -918,8 +918,9 @@ def _keep_fully_trained_modules_in_fp32(model: torch.nn.Module, args) -> None:
         logger.warning(
             "The language model is trained fully with %s weights and mixed precision but without DeepSpeed: its "
             "optimizer updates are applied to those weights, and at fine-tuning learning rates many round away. "
-            "For fp32 master weights, train with DeepSpeed (--deepspeed, as the paper) or load the model in fp32 "
-            "(mixed precision still autocasts the compute); or train a LoRA adapter.",
+            "For fp32 master weights, train with DeepSpeed, as the paper (`accelerate launch --config_file "
+            "examples/accelerate_configs/zero2.yaml ...`, or SFTConfig(deepspeed=...)), or load the model in fp32 "
+            "(mixed precision still autocasts the compute); or train a LoRA adapter (`aligngpt sft --use-peft`).",
             next(p.dtype for p in model.parameters() if p.requires_grad and p.dtype != torch.float32),
         )
 
