@@ -208,6 +208,17 @@ def test_generate_cache_matches_no_cache_and_runs_vision_once(model, processor, 
     assert cached.sequences.shape[1] == inputs["input_ids"].shape[1] + 10
 
 
+def test_generate_from_inputs_embeds_equals_generate_from_ids(model, processor, images):
+    """As with LLaVA: the prompt's token embeddings (placeholders found by their rows) instead of its ids."""
+    sharpen_gate(model)
+    inputs = processor(images=images[:1], text=prompts(processor, ["What is shown?"]), return_tensors="pt")
+    from_ids = model.generate(**inputs, max_new_tokens=6, do_sample=False)[:, inputs["input_ids"].shape[1]:]
+    embeds = model.get_input_embeddings()(inputs["input_ids"]).detach()
+    from_embeds = model.generate(inputs_embeds=embeds, attention_mask=inputs["attention_mask"],
+                                 pixel_values=inputs["pixel_values"], max_new_tokens=6, do_sample=False)
+    assert from_embeds.tolist() == from_ids.tolist()
+
+
 def test_concurrent_generate_calls_keep_their_own_prompt(model, processor, images):
     """Two threads generating on one model (a server), uncached: each call's gate reads its own prompt, also when the
     other call starts and ends in the middle of it (made to happen: the first call waits in its first forward)."""

@@ -1025,11 +1025,25 @@ class AlignGPTForConditionalGeneration(AlignGPTPreTrainedModel, GenerationMixin)
             else:
                 lengths[id(self)] = outer
 
-    def prepare_inputs_for_generation(self, *args, **kwargs):
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        next_sequence_length: int | None = None,
+        cache: Cache | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        is_first_iteration: bool | None = False,
+        **kwargs,
+    ):
         """[`~GenerationMixin.prepare_inputs_for_generation`], plus `gate_prompt_length` (the prompt's length, which
         [`generate`] records) in the forwards that carry the images, unless the caller passed one. (Not in cached
-        decode steps: a compiled decoding step would specialise on the int and recompile for every prompt length.)"""
-        model_inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        decode steps: a compiled decoding step would specialise on the int and recompile for every prompt length.)
+        Its parameters are the parent's, named: `generate` reads `inputs_embeds` in this signature before it accepts
+        generation from embeddings."""
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, next_sequence_length=next_sequence_length, cache=cache, attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs,
+        )
         prompt_length = _GENERATION_PROMPTS.__dict__.get("lengths", {}).get(id(self))
         if (
             prompt_length is not None
