@@ -506,6 +506,12 @@ def test_inputs_that_cannot_be_scored_are_named_before_any_work(clip_tiny_dir, c
     several = datasets.Dataset.from_dict({"images": images, "caption": [[c, c + " again"] for c in captions]})
     with pytest.raises(ValueError, match=r"column 'caption' must hold one caption string per row"):
         score_pairs(several, clip_tiny_dir, num_workers=0, cache_dir=tmp_path / "c", device="cpu")
+    # (Arrow's other string layouts are strings too)
+    plain = datasets.Dataset.from_dict({"images": images, "caption": captions})
+    view = plain.cast_column("caption", datasets.Value("string_view"))
+    scored = [score_pairs(ds, clip_tiny_dir, num_workers=0, cache_dir=tmp_path / name, device="cpu")["clip_score"]
+              for name, ds in (("plain", plain), ("view", view))]
+    assert scored[0] == scored[1]
     # SigLIP 2's NaFlex processor gives patch sequences, not images
     siglip2 = tmp_path / "siglip2"
     config = Siglip2Config(text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,

@@ -124,6 +124,27 @@ def test_save_and_reload(processor, tmp_path):
     assert reloaded.image_processor.do_pad is True
 
 
+def test_a_checkpoint_saved_with_the_previous_builtin_template_gets_the_current_one(processor, tmp_path):
+    """The package's template before the space after "ASSISTANT:" moved into the answer (sentencepiece's lone "▁"
+    was left unsupervised) is replaced on load; the prompts it renders are the same. A template of the user's own
+    is kept."""
+    from transformers import AutoProcessor
+
+    from transformers_aligngpt.processing_aligngpt import _PREVIOUS_CHAT_TEMPLATES, VICUNA_V1_CHAT_TEMPLATE
+
+    own = VICUNA_V1_CHAT_TEMPLATE.replace("USER: ", "HUMAN: ")
+    try:
+        processor.chat_template = _PREVIOUS_CHAT_TEMPLATES[0]
+        processor.save_pretrained(tmp_path / "old")
+        processor.chat_template = own
+        processor.save_pretrained(tmp_path / "own")
+    finally:
+        processor.chat_template = VICUNA_V1_CHAT_TEMPLATE
+    assert "'ASSISTANT: '" in (tmp_path / "old" / "chat_template.jinja").read_text()
+    assert AutoProcessor.from_pretrained(tmp_path / "old").chat_template == VICUNA_V1_CHAT_TEMPLATE
+    assert AutoProcessor.from_pretrained(tmp_path / "own").chat_template == own
+
+
 # ---- bad input -------------------------------------------------------------------------------------------------
 
 

@@ -234,7 +234,8 @@ class _PairView:
             if column not in dataset.column_names:
                 raise ValueError(f"column {column!r} not in the dataset (columns: {dataset.column_names})")
         caption_feature = dataset.features[text_column]
-        if not (isinstance(caption_feature, Value) and caption_feature.dtype in ("string", "large_string", "null")):
+        string_types = ("string", "large_string", "string_view", "null")
+        if not (isinstance(caption_feature, Value) and caption_feature.dtype in string_types):
             raise ValueError(
                 f"column {text_column!r} must hold one caption string per row, not {caption_feature}: pick one caption "
                 "per image (several captions per image: one row per caption)."
@@ -244,6 +245,8 @@ class _PairView:
         columns = [image_column, text_column]
         self.id_column = id_column if id_column is not None and id_column in dataset.column_names else None
         view = dataset.select_columns(columns + ([self.id_column] if self.id_column else []))
+        if caption_feature.dtype == "string_view":  # (Arrow's string kernels used below take plain strings)
+            view = view.cast_column(text_column, Value("string"))
         self.view = without_image_decoding(view, image_column).with_format(None)
         self.pairs = self.view.select_columns(columns)
 

@@ -55,6 +55,17 @@ VICUNA_V1_CHAT_TEMPLATE = (
 )
 
 
+# The built-in template as this package saved it before the space after "ASSISTANT:" moved into the answer: a
+# checkpoint saved with it (converted or trained before) gets the current one, whose prompts are the same and whose
+# answer masks also cover sentencepiece's "▁" token for that space.
+_PREVIOUS_CHAT_TEMPLATES = (
+    VICUNA_V1_CHAT_TEMPLATE.replace(
+        "{{- 'ASSISTANT:' -}}{%- generation -%}{{- ' ' + render(message['content'])",
+        "{{- 'ASSISTANT: ' -}}{%- generation -%}{{- render(message['content'])",
+    ),
+)
+
+
 def prefix_every_chunk(tokenizer) -> None:
     """A sentencepiece (Metaspace) tokenizer made to give every chunk between special tokens its own "▁", as the
     original does (it tokenises the text before and after `<image>` separately), and flagged `legacy=True` so that
@@ -136,7 +147,7 @@ class AlignGPTProcessor(ProcessorMixin):
             # default (False) and the reloaded tokenizer would split differently: written back here, it survives
             # save_pretrained / push_to_hub.
             tokenizer.init_kwargs["legacy"] = True
-        if chat_template is None:
+        if chat_template is None or chat_template.strip() in _PREVIOUS_CHAT_TEMPLATES:
             chat_template = VICUNA_V1_CHAT_TEMPLATE
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
 
