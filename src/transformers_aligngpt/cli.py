@@ -370,8 +370,9 @@ def add_demo_subparser(subparsers) -> argparse.ArgumentParser:
             "AlignGPT (the CLIP's image tower + a tiny Llama built from a config and warmed up on the demo texts), "
             "runs phase 1 (pre-training with levels) and phase 2 (instruction tuning, TRL), saves a checkpoint, "
             "answers questions about held-out images and shows the gate's weights per level (table + PNG). Loss "
-            "curves are written as JSON and PNG. Nothing is downloaded; about 5-6 minutes on one CPU thread (the default). With model "
-            "ids or data paths the same pipeline runs on real models / data (the paper's learning rates then)."
+            "curves are written as JSON and PNG. Nothing is downloaded; about 5-6 minutes on one CPU thread (the "
+            "default). With model ids or data paths the same pipeline runs on real models / data (the paper's "
+            "learning rates then)."
         ),
         epilog="example: aligngpt demo --output outputs/demo",
     )
