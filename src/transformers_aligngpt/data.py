@@ -339,17 +339,18 @@ def _set_level_and_score(record: dict, batch: dict[str, list], j: int, level_col
 def _image_file_of(batch: dict[str, list], j: int, image_folder: str | None) -> str | None:
     if "image_file" in batch and (batch["image_file"][j] is not None or "images" not in batch):
         return batch["image_file"][j]
-    images = batch.get("images")
-    if images is None and batch.get("image") is not None:  # one image per row, or None
-        images = [[] if image is None else [image] for image in batch["image"]]
-    if not images or not images[j]:
+    if "images" in batch:
+        row_images = batch["images"][j] or []
+    else:  # a single `image` column: one image per row, or None
+        row_images = [] if batch.get("image") is None or batch["image"][j] is None else [batch["image"][j]]
+    if not row_images:
         return None
-    if len(images[j]) > 1:
+    if len(row_images) > 1:
         raise ValueError(
-            f"row {j}: {len(images[j])} images; the LLaVA layout holds one per record (to write records that list "
+            f"row {j}: {len(row_images)} images; the LLaVA layout holds one per record (to write records that list "
             "several images, pass the file they were read from: write_llava_json(..., source=FILE))"
         )
-    image = images[j][0]
+    image = row_images[0]
     path = image.get("path") if isinstance(image, dict) else image
     if path is None:
         raise ValueError("an image without a file path cannot be written in the LLaVA layout")

@@ -990,14 +990,12 @@ class AlignGPTForConditionalGeneration(AlignGPTPreTrainedModel, GenerationMixin)
         placeholder ids among the candidates are tokens. (Not a model kwarg: transformers hands those to a draft
         `assistant_model` too, which would refuse it.)"""
         config = kwargs.get("generation_config") or self.generation_config
-        prompt = kwargs.get("input_ids", args[0] if args else kwargs.get("inputs"))
-        if not isinstance(prompt, torch.Tensor):
-            prompt = kwargs.get("inputs_embeds")
+        input_ids = kwargs.get("input_ids", args[0] if args else kwargs.get("inputs"))
+        prompt = input_ids if isinstance(input_ids, torch.Tensor) else kwargs.get("inputs_embeds")
         prompt_length = prompt.shape[1] if isinstance(prompt, torch.Tensor) and prompt.dim() >= 2 else None
         chunk_size = kwargs.get("prefill_chunk_size", getattr(config, "prefill_chunk_size", None))
         is_assistant = bool(getattr(config, "is_assistant", False))
         if chunk_size is not None or is_assistant:  # (else nothing is read: no device sync in a plain call)
-            input_ids = kwargs.get("input_ids", args[0] if args else kwargs.get("inputs"))
             if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and bool(
                 (input_ids == self.config.alignment_token_id).any()
             ):

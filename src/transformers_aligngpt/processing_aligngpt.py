@@ -192,15 +192,13 @@ class AlignGPTProcessor(ProcessorMixin):
         )
         offsets = offsets or [[] for _ in text]
         bos, align = self.bos_text, self.alignment_token
-        # `<align>` as a placeholder, not as user text marked by sanitize_control_tokens
-        align_pattern = re.compile(_UNMARKED + re.escape(align))
         for row in range(len(text)):
             has_image = any(r["type"] == "image" for r in offsets[row])
             added_bos = bos is not None and not text[row].startswith(bos)
             if added_bos:
                 text[row], offsets[row] = _insert(text[row], offsets[row], 0, 0, bos, "bos")
             at = len(bos) if bos is not None else 0
-            found = [match.start() for match in align_pattern.finditer(text[row])]
+            found = self._alignment_placeholders(text[row])
             if found:
                 # already in place (text that went through this processor before), or typed in the text
                 if not has_image or found[0] != at or len(found) > 1:
@@ -214,6 +212,11 @@ class AlignGPTProcessor(ProcessorMixin):
                 text[row], offsets[row] = _insert(text[row], offsets[row], at, original_at, align, "alignment")
         return text, offsets
 
+    def _alignment_placeholders(self, text: str) -> list[int]:
+        """Character positions of `<align>` in `text` as a placeholder, not as user text that `apply_chat_template
+        (sanitize_control_tokens=True)` marked."""
+        return [match.start() for match in re.finditer(_UNMARKED + re.escape(self.alignment_token), text)]
+
     def _check_special_mm_tokens(self, text, text_inputs, modalities):
         """ProcessorMixin's check that truncation kept every `<image>`, and the same for `<align>`: truncating from
         the left cuts the start of a row, bos and `<align>` first, where the images may all survive."""
@@ -221,12 +224,11 @@ class AlignGPTProcessor(ProcessorMixin):
         input_ids = text_inputs["input_ids"]
         if hasattr(input_ids, "tolist"):
             input_ids = input_ids.tolist()
-        align_pattern = re.compile(_UNMARKED + re.escape(self.alignment_token))
         bos_id = self.tokenizer.bos_token_id if self.bos_text is not None else None
         cut = []
         for row, (ids, sample) in enumerate(zip(input_ids, text)):
             ids = list(ids)
-            expected = len(align_pattern.findall(sample))
+            expected = len(self._alignment_placeholders(sample))
             if ids.count(self.alignment_token_id) != expected:
                 cut.append(row)
             elif expected and bos_id is not None:

@@ -906,22 +906,22 @@ def _keep_fully_trained_modules_in_fp32(model: torch.nn.Module, args) -> None:
         return  # (FSDP flattens each wrapped unit's weights into one tensor of one dtype, and manages precision itself)
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         return
-    low_precision_llm = False
+    llm_dtype = None  # the dtype of a fully trained LLM weight left below fp32
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad or not parameter.is_floating_point() or parameter.dtype == torch.float32:
             continue
         if "multi_modal_projector" in name or "alignment_gate" in name:
             parameter.data = parameter.data.float()
         elif "lora_" not in name:
-            low_precision_llm = True
-    if low_precision_llm:
+            llm_dtype = parameter.dtype
+    if llm_dtype is not None:
         logger.warning(
             "The language model is trained fully with %s weights and mixed precision but without DeepSpeed: its "
             "optimizer updates are applied to those weights, and at fine-tuning learning rates many round away. "
             "For fp32 master weights, train with DeepSpeed, as the paper (`accelerate launch --config_file "
             "examples/accelerate_configs/zero2.yaml ...`, or SFTConfig(deepspeed=...)), or load the model in fp32 "
             "(mixed precision still autocasts the compute); or train a LoRA adapter (`aligngpt sft --use-peft`).",
-            next(p.dtype for p in model.parameters() if p.requires_grad and p.dtype != torch.float32),
+            llm_dtype,
         )
 
 
@@ -963,9 +963,8 @@ def build_aligngpt_from_pretrained(
     new_tokens = [token for token in ("<image>", "<align>") if token not in tokenizer.get_vocab()]
     if new_tokens:
         tokenizer.add_special_tokens({"additional_special_tokens": new_tokens}, replace_extra_special_tokens=False)
-    # pad = unk as LLaVA-1.5 does for Vicuna; a sentencepiece tokenizer that transformers loads non-legacy (prepend
-    # "▁" to the first word only) tokenises as the original, which gives every chunk between special tokens its "▁":
-    # the processor writes bos and <align> into the text, so with "first" the row's first word would lose it
+    # prepared as the converter prepares the original's: pad = unk (as LLaVA-1.5 does for Vicuna), left padding for
+    # generation, and every chunk's "▁" for sentencepiece (which the processor would also see to)
     prepare_tokenizer(tokenizer)
 
     language_model = AutoModelForCausalLM.from_pretrained(text_model, dtype=dtype)
