@@ -204,6 +204,10 @@ def test_decoded_images_and_writing_from_images_column(tmp_path):
     for variant in (single, single.cast_column("image", datasets.Image())):
         write_llava_json(variant, tmp_path / "single.json", image_folder=folder)
         assert json.loads((tmp_path / "single.json").read_text()) == PRETRAIN
+    # (an `image_file` column without a value does not hide the row's `image`)
+    with_empty_file = single.add_column("image_file", [None] * len(single))
+    write_llava_json(with_empty_file, tmp_path / "single.json", image_folder=folder)
+    assert json.loads((tmp_path / "single.json").read_text()) == PRETRAIN
 
 
 def test_caption_only_dataset_is_written_as_pretraining_records(tmp_path):

@@ -337,7 +337,7 @@ def _set_level_and_score(record: dict, batch: dict[str, list], j: int, level_col
 
 
 def _image_file_of(batch: dict[str, list], j: int, image_folder: str | None) -> str | None:
-    if "image_file" in batch and (batch["image_file"][j] is not None or "images" not in batch):
+    if "image_file" in batch and (batch["image_file"][j] is not None or not {"images", "image"} & batch.keys()):
         return batch["image_file"][j]
     if "images" in batch:
         row_images = batch["images"][j] or []
